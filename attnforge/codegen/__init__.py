@@ -1,0 +1,1 @@
+"""Codegen: IR -> passes -> block analysis -> gradients -> Triton source. Imports only dsl."""

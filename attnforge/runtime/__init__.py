@@ -1,0 +1,1 @@
+"""Runtime: cache, loader, launch, autograd, reference. Imports dsl and codegen."""
