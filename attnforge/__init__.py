@@ -32,8 +32,8 @@ _EXPORTS = {
     "DSLError": "attnforge.dsl.errors",
     # runtime
     "flex_attention": "attnforge.runtime.api",
-    "variant": "attnforge.runtime.api",
-    "parse_spec": "attnforge.runtime.api",
+    "variant": "attnforge.runtime.variant",
+    "parse_spec": "attnforge.runtime.variant",
     "cache_info": "attnforge.runtime.cache",
     "create_block_mask": "attnforge.runtime.blockmask",
     "BlockMask": "attnforge.runtime.blockmask",
