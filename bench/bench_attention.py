@@ -1,0 +1,345 @@
+"""Benchmark attnforge against FlexAttention (torch.compile) and SDPA (cuDNN, flash) on the GPU.
+
+All implementations run side by side in one process on the same inputs.  FLOPs are counted with
+the block density of the variant's block mask (the work a block-sparse kernel must do), the same
+count for every implementation, so TFLOP/s ratios are time ratios.
+
+    python bench/bench_attention.py                      # headline: S=8192, D=64,128
+    python bench/bench_attention.py --S 2048 8192 32768  # the full grid (S=32768 runs with B=1)
+    python bench/bench_attention.py --variants causal softcap --D 128
+
+Writes bench/results/<gpu>_<yyyymmdd>.json and a markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ["noop", "causal", "sliding_window", "alibi", "softcap", "document", "prefix_lm", "gqa_causal"]
+WINDOW, PREFIX, NUM_DOCS, CAP = 1024, 2048, 16, 30.0
+
+
+# -- variant definitions (the same mods go to attnforge and to FlexAttention) --------------------
+
+
+def make_variant(name: str, H: int, S: int, device: str):
+    """Returns (score_mod, mask_mod, sdpa_kwargs or None). mask_mod None means no mask."""
+    causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx  # noqa: E731
+    if name == "noop":
+        return None, None, {"is_causal": False}
+    if name in ("causal", "gqa_causal"):
+        return None, causal, {"is_causal": True}
+    if name == "sliding_window":
+        w = WINDOW
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+
+        return None, sliding, None
+    if name == "alibi":
+        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device=device) / H)
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        return alibi, causal, None
+    if name == "softcap":
+        cap = CAP
+
+        def softcap(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+
+        return softcap, causal, None
+    if name == "document":
+        g = torch.Generator().manual_seed(0)
+        cuts = torch.sort(torch.randperm(S - 1, generator=g)[: NUM_DOCS - 1] + 1).values
+        lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([S])]))
+        doc = torch.repeat_interleave(torch.arange(NUM_DOCS), lengths).to(device)
+
+        def document(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+        return None, document, None
+    if name == "prefix_lm":
+        p = PREFIX
+
+        def prefix_lm(b, h, q_idx, kv_idx):
+            return (kv_idx < p) | (q_idx >= kv_idx)
+
+        return None, prefix_lm, None
+    raise ValueError(name)
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def fwd_bwd_fn(fwd, q, k, v, do):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        out = fwd(q, k, v)
+        out.backward(do)
+
+    return run
+
+
+def measure(fwd, q, k, v, do):
+    with torch.no_grad():
+        f_ms = bench_ms(lambda: fwd(q, k, v))
+    fb_ms = bench_ms(fwd_bwd_fn(fwd, q, k, v, do))
+    return f_ms, fb_ms
+
+
+def flops(B, H, S, D, density):
+    fwd = 4.0 * B * H * S * S * D * density
+    return fwd, 2.5 * fwd  # bwd = 5 matmuls of the fwd's 2
+
+
+def run_config(variant, B, H, S, D, dtype, impls, rows, log):
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    import attnforge as af
+
+    device = "cuda"
+    Hkv = 4 if variant == "gqa_causal" else H
+    gqa = Hkv != H
+    torch.manual_seed(0)
+    q = torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=True)
+    do = torch.randn_like(q)
+    score_mod, mask_mod, sdpa_kw = make_variant(variant, H, S, device)
+
+    bm = af.create_block_mask(mask_mod, None, None, S, S, device=device) if mask_mod else None
+    density = 1.0
+    if bm is not None:
+        density = 1.0 - bm.sparsity() / 100.0
+    fwd_flops, bwd_flops = flops(B, H, S, D, density)
+    base = dict(variant=variant, B=B, H=H, S=S, D=D, dtype=str(dtype).replace("torch.", ""),
+                density=round(density, 4))
+
+    def af_fwd(q_, k_, v_):
+        return af.flex_attention(q_, k_, v_, score_mod=score_mod, block_mask=bm, enable_gqa=gqa)
+
+    flex_c = torch.compile(t_flex, dynamic=False)
+    tbm = t_cbm(mask_mod, None, None, S, S, device=device) if mask_mod else None
+
+    def flex_fwd(q_, k_, v_):
+        return flex_c(q_, k_, v_, score_mod=score_mod, block_mask=tbm, enable_gqa=gqa)
+
+    outs = {}
+    cands = {"attnforge": af_fwd, "flex": flex_fwd}
+    if sdpa_kw is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for impl, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+
+            def sdpa_fwd(q_, k_, v_, backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q_, k_, v_, enable_gqa=gqa, **sdpa_kw)
+
+            cands[impl] = sdpa_fwd
+    for impl, fn in cands.items():
+        if impls and impl not in impls:
+            continue
+        try:
+            with torch.no_grad():
+                outs[impl] = fn(q, k, v).float()
+            f_ms, fb_ms = measure(fn, q, k, v, do)
+        except Exception as e:  # an SDPA backend that cannot express the case, say
+            log(f"  {impl}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        row = dict(base, impl=impl, fwd_ms=round(f_ms, 4), fwdbwd_ms=round(fb_ms, 4),
+                   fwd_tflops=round(fwd_flops / f_ms / 1e9, 1),
+                   bwd_tflops=round(bwd_flops / max(fb_ms - f_ms, 1e-6) / 1e9, 1))
+        rows.append(row)
+    if "attnforge" in outs and "flex" in outs:
+        err = (outs["attnforge"] - outs["flex"]).abs().max().item()
+        for r in rows:
+            if r["impl"] == "attnforge" and r["variant"] == variant and r["S"] == S and r["D"] == D:
+                r["max_abs_err_vs_flex"] = err
+    for r in rows:
+        if r["variant"] == variant and r["S"] == S and r["D"] == D:
+            log(f"  {r['impl']:10s} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
+                f"bwd {r['bwd_tflops']:6.1f} TF/s" + (
+                    f" | err {r['max_abs_err_vs_flex']:.2e}" if "max_abs_err_vs_flex" in r else ""))
+
+
+# -- compile time and host overhead --------------------------------------------------------------
+
+_COLD_SNIPPET = r"""
+import sys, time, torch
+sys.path.insert(0, {root!r})
+impl, cap = sys.argv[1], float(sys.argv[2])
+q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3))
+def mod(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, cap * torch.tanh(score / cap) + 0.125 * h, -float("inf"))
+t0 = time.perf_counter()
+if impl == "attnforge":
+    import attnforge as af
+    out = af.flex_attention(q, k, v, score_mod=mod)
+else:
+    from torch.nn.attention.flex_attention import flex_attention
+    out = torch.compile(flex_attention)(q, k, v, score_mod=mod)
+out.sum().backward()
+torch.cuda.synchronize()
+print(time.perf_counter() - t0)
+"""
+
+
+def compile_times(log):
+    res = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=cache + "/ind")
+        code = _COLD_SNIPPET.format(root=str(ROOT))
+        for impl in ("attnforge", "flex"):
+            times = []
+            for cap in ("31.5", "31.5"):  # cold (empty caches), then warm disk in a new process
+                out = subprocess.run([sys.executable, "-c", code, impl, cap], env=env,
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    log(f"  compile {impl}: failed: {out.stderr[-400:]}")
+                    times.append(None)
+                else:
+                    times.append(float(out.stdout.strip().splitlines()[-1]))
+            res[impl] = {"cold_s": times[0], "warm_disk_s": times[1]}
+            log(f"  compile {impl}: cold {times[0]} s, warm disk {times[1]} s")
+    return res
+
+
+def host_overhead(log):
+    """Per-call wall time for a tiny problem (host-bound) minus its GPU kernel time, in us."""
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    import attnforge as af
+
+    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx  # noqa: E731
+    abm = af.create_block_mask(causal, None, None, 128, 128, device="cuda")
+    tbm = t_cbm(causal, None, None, 128, 128, device="cuda")
+    flex_c = torch.compile(t_flex)
+    fns = {"attnforge": lambda: af.flex_attention(q, k, v, block_mask=abm),
+           "flex": lambda: flex_c(q, k, v, block_mask=tbm)}
+    res = {}
+    with torch.no_grad():
+        for impl, fn in fns.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            n = 500
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - t0) / n * 1e6
+            gpu_us = bench_ms(fn) * 1e3
+            res[impl] = {"wall_us_per_call": round(wall_us, 2), "gpu_us": round(gpu_us, 2),
+                         "overhead_us": round(max(wall_us - gpu_us, 0.0), 2)}
+            log(f"  host {impl}: {res[impl]}")
+    return res
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def markdown(rows) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["variant"], r["S"], r["D"]), {})[r["impl"]] = r
+    lines = ["| variant | S | D | density | attnforge fwd/bwd TF/s | flex fwd/bwd | cuDNN fwd/bwd "
+             "| af/flex fwd | af/flex bwd | af/cuDNN fwd | err vs flex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (var, S, D), d in by.items():
+        a, f, c = d.get("attnforge"), d.get("flex"), d.get("cudnn")
+
+        def fb(r):
+            return f"{r['fwd_tflops']:.0f} / {r['bwd_tflops']:.0f}" if r else "-"
+
+        def ratio(x, y, key):
+            return f"{x[key] / y[key]:.2f}" if x and y and y[key] else "-"
+
+        err = f"{a['max_abs_err_vs_flex']:.1e}" if a and "max_abs_err_vs_flex" in a else "-"
+        dens = a["density"] if a else (f or c)["density"]
+        lines.append(f"| {var} | {S} | {D} | {dens} | {fb(a)} | {fb(f)} | {fb(c)} | "
+                     f"{ratio(a, f, 'fwd_tflops')} | {ratio(a, f, 'bwd_tflops')} | "
+                     f"{ratio(a, c, 'fwd_tflops')} | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="*", default=VARIANTS)
+    ap.add_argument("--S", nargs="*", type=int, default=[8192])
+    ap.add_argument("--D", nargs="*", type=int, default=[64, 128])
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--impls", nargs="*", default=None)
+    ap.add_argument("--no-compile-bench", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (run it through the device tool)")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    import triton
+
+    rows: list[dict] = []
+    for S in args.S:
+        B = 1 if S >= 32768 else args.B
+        for D in args.D:
+            for var in args.variants:
+                log(f"{var} B={B} H={args.H} S={S} D={D}")
+                try:
+                    run_config(var, B, args.H, S, D, torch.bfloat16, args.impls, rows, log)
+                except Exception as e:
+                    log(f"  FAILED: {type(e).__name__}: {e}")
+                torch.cuda.empty_cache()
+    comp = {}
+    if not args.no_compile_bench:
+        comp = compile_times(log)
+        comp["host_overhead"] = host_overhead(log)
+    gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__}
+    stamp = datetime.date.today().strftime("%Y%m%d")
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    data = {"env": env, "command": "python " + " ".join(sys.argv), "rows": rows, "compile": comp}
+    path = outdir / f"{gpu}_{stamp}.json"
+    path.write_text(json.dumps(data, indent=1))
+    table = markdown(rows)
+    (outdir / f"{gpu}_{stamp}.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {path}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], path.name).write_text(json.dumps(data, indent=1))
+        Path(os.environ["OUT"], path.with_suffix(".md").name).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
