@@ -28,7 +28,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ["noop", "causal", "sliding_window", "alibi", "softcap", "document", "prefix_lm", "gqa_causal"]
+VARIANTS = [
+    "noop",
+    "causal",
+    "sliding_window",
+    "alibi",
+    "softcap",
+    "document",
+    "prefix_lm",
+    "gqa_causal",
+]
 WINDOW, PREFIX, NUM_DOCS, CAP = 1024, 2048, 16, 30.0
 
 
@@ -135,8 +144,15 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
     if bm is not None:
         density = 1.0 - bm.sparsity() / 100.0
     fwd_flops, bwd_flops = flops(B, H, S, D, density)
-    base = dict(variant=variant, B=B, H=H, S=S, D=D, dtype=str(dtype).replace("torch.", ""),
-                density=round(density, 4))
+    base = dict(
+        variant=variant,
+        B=B,
+        H=H,
+        S=S,
+        D=D,
+        dtype=str(dtype).replace("torch.", ""),
+        density=round(density, 4),
+    )
 
     def af_fwd(q_, k_, v_):
         return af.flex_attention(q_, k_, v_, score_mod=score_mod, block_mask=bm, enable_gqa=gqa)
@@ -152,12 +168,16 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
     if sdpa_kw is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for impl, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        for impl, backend in (
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("flash", SDPBackend.FLASH_ATTENTION),
+        ):
 
             def sdpa_fwd(q_, k_, v_, backend=backend):
                 with sdpa_kernel(backend):
                     return torch.nn.functional.scaled_dot_product_attention(
-                        q_, k_, v_, enable_gqa=gqa, **sdpa_kw)
+                        q_, k_, v_, enable_gqa=gqa, **sdpa_kw
+                    )
 
             cands[impl] = sdpa_fwd
     for impl, fn in cands.items():
@@ -170,9 +190,14 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
         except Exception as e:  # an SDPA backend that cannot express the case, say
             log(f"  {impl}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
-        row = dict(base, impl=impl, fwd_ms=round(f_ms, 4), fwdbwd_ms=round(fb_ms, 4),
-                   fwd_tflops=round(fwd_flops / f_ms / 1e9, 1),
-                   bwd_tflops=round(bwd_flops / max(fb_ms - f_ms, 1e-6) / 1e9, 1))
+        row = dict(
+            base,
+            impl=impl,
+            fwd_ms=round(f_ms, 4),
+            fwdbwd_ms=round(fb_ms, 4),
+            fwd_tflops=round(fwd_flops / f_ms / 1e9, 1),
+            bwd_tflops=round(bwd_flops / max(fb_ms - f_ms, 1e-6) / 1e9, 1),
+        )
         rows.append(row)
     if "attnforge" in outs and "flex" in outs:
         err = (outs["attnforge"] - outs["flex"]).abs().max().item()
@@ -181,9 +206,11 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
                 r["max_abs_err_vs_flex"] = err
     for r in rows:
         if r["variant"] == variant and r["S"] == S and r["D"] == D:
-            log(f"  {r['impl']:10s} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
-                f"bwd {r['bwd_tflops']:6.1f} TF/s" + (
-                    f" | err {r['max_abs_err_vs_flex']:.2e}" if "max_abs_err_vs_flex" in r else ""))
+            log(
+                f"  {r['impl']:10s} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:6.1f} TF/s | "
+                f"bwd {r['bwd_tflops']:6.1f} TF/s"
+                + (f" | err {r['max_abs_err_vs_flex']:.2e}" if "max_abs_err_vs_flex" in r else "")
+            )
 
 
 # -- compile time and host overhead --------------------------------------------------------------
@@ -217,8 +244,9 @@ def compile_times(log):
         for impl in ("attnforge", "flex"):
             times = []
             for cap in ("31.5", "31.5"):  # cold (empty caches), then warm disk in a new process
-                out = subprocess.run([sys.executable, "-c", code, impl, cap], env=env,
-                                     capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", code, impl, cap], env=env, capture_output=True, text=True
+                )
                 if out.returncode != 0:
                     log(f"  compile {impl}: failed: {out.stderr[-400:]}")
                     times.append(None)
@@ -241,8 +269,10 @@ def host_overhead(log):
     abm = af.create_block_mask(causal, None, None, 128, 128, device="cuda")
     tbm = t_cbm(causal, None, None, 128, 128, device="cuda")
     flex_c = torch.compile(t_flex)
-    fns = {"attnforge": lambda: af.flex_attention(q, k, v, block_mask=abm),
-           "flex": lambda: flex_c(q, k, v, block_mask=tbm)}
+    fns = {
+        "attnforge": lambda: af.flex_attention(q, k, v, block_mask=abm),
+        "flex": lambda: flex_c(q, k, v, block_mask=tbm),
+    }
     res = {}
     with torch.no_grad():
         for impl, fn in fns.items():
@@ -256,8 +286,11 @@ def host_overhead(log):
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - t0) / n * 1e6
             gpu_us = bench_ms(fn) * 1e3
-            res[impl] = {"wall_us_per_call": round(wall_us, 2), "gpu_us": round(gpu_us, 2),
-                         "overhead_us": round(max(wall_us - gpu_us, 0.0), 2)}
+            res[impl] = {
+                "wall_us_per_call": round(wall_us, 2),
+                "gpu_us": round(gpu_us, 2),
+                "overhead_us": round(max(wall_us - gpu_us, 0.0), 2),
+            }
             log(f"  host {impl}: {res[impl]}")
     return res
 
@@ -269,9 +302,11 @@ def markdown(rows) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["variant"], r["S"], r["D"]), {})[r["impl"]] = r
-    lines = ["| variant | S | D | density | attnforge fwd/bwd TF/s | flex fwd/bwd | cuDNN fwd/bwd "
-             "| af/flex fwd | af/flex bwd | af/cuDNN fwd | err vs flex |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | S | D | density | attnforge fwd/bwd TF/s | flex fwd/bwd | cuDNN fwd/bwd "
+        "| af/flex fwd | af/flex bwd | af/cuDNN fwd | err vs flex |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (var, S, D), d in by.items():
         a, f, c = d.get("attnforge"), d.get("flex"), d.get("cudnn")
 
@@ -283,14 +318,18 @@ def markdown(rows) -> str:
 
         err = f"{a['max_abs_err_vs_flex']:.1e}" if a and "max_abs_err_vs_flex" in a else "-"
         dens = a["density"] if a else (f or c)["density"]
-        lines.append(f"| {var} | {S} | {D} | {dens} | {fb(a)} | {fb(f)} | {fb(c)} | "
-                     f"{ratio(a, f, 'fwd_tflops')} | {ratio(a, f, 'bwd_tflops')} | "
-                     f"{ratio(a, c, 'fwd_tflops')} | {err} |")
+        lines.append(
+            f"| {var} | {S} | {D} | {dens} | {fb(a)} | {fb(f)} | {fb(c)} | "
+            f"{ratio(a, f, 'fwd_tflops')} | {ratio(a, f, 'bwd_tflops')} | "
+            f"{ratio(a, c, 'fwd_tflops')} | {err} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--S", nargs="*", type=int, default=[8192])
     ap.add_argument("--D", nargs="*", type=int, default=[64, 128])
@@ -324,8 +363,11 @@ def main(argv=None):
         comp = compile_times(log)
         comp["host_overhead"] = host_overhead(log)
     gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     stamp = datetime.date.today().strftime("%Y%m%d")
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
