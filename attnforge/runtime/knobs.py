@@ -1,0 +1,152 @@
+"""Every ``ATTNFORGE_*`` environment variable, declared once.
+
+Values are read from ``os.environ`` at call time (never cached at import), so tests can
+``monkeypatch.setenv`` and a long-lived process picks up changes::
+
+    from attnforge.runtime import knobs
+    if knobs.get("ATTNFORGE_DEBUG"): ...
+    knobs.debug                      # same thing: attribute name = lower-case suffix
+    print(knobs.describe())          # table of all knobs (``python -m attnforge knobs``)
+
+To add a knob, add one ``_declare(...)`` line below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{name}={text!r} is not a boolean: use 1/0 (or true/false, yes/no, on/off)")
+
+
+def _parse_path(name: str, text: str) -> Path | None:
+    text = text.strip()
+    return Path(text).expanduser() if text else None
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer: set it to a whole number") from None
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "bool": _parse_bool,
+    "path": _parse_path,
+    "int": _parse_int,
+}
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    type: str  # "bool" | "path" | "int"
+    default: Any
+    doc: str
+
+    def get(self) -> Any:
+        text = os.environ.get(self.name)
+        if text is None:
+            return self.default() if callable(self.default) else self.default
+        return _PARSERS[self.type](self.name, text)
+
+    def default_text(self) -> str:
+        if callable(self.default):
+            return str(self.default())
+        return "unset" if self.default is None else str(self.default)
+
+
+_REGISTRY: dict[str, Knob] = {}
+
+
+def _declare(name: str, type: str, default: Any, doc: str) -> Knob:
+    if not name.startswith("ATTNFORGE_"):
+        raise ValueError(f"knob {name!r} must start with ATTNFORGE_")
+    if type not in _PARSERS:
+        raise ValueError(f"knob {name}: unknown type {type!r}, expected one of {sorted(_PARSERS)}")
+    knob = Knob(name, type, default, doc)
+    _REGISTRY[name] = knob
+    return knob
+
+
+def _default_cache_dir() -> Path:
+    return Path("~/.cache/attnforge").expanduser()
+
+
+# -- the knobs --
+_declare(
+    "ATTNFORGE_DEBUG",
+    "bool",
+    False,
+    "log cache hits/misses and compile timings to the 'attnforge' logger (DEBUG level)",
+)
+_declare("ATTNFORGE_CACHE_DIR", "path", _default_cache_dir, "root of the on-disk kernel cache")
+_declare(
+    "ATTNFORGE_DISABLE_CACHE",
+    "bool",
+    False,
+    "keep kernels in memory only (a private temp dir); never read or write the disk cache",
+)
+_declare(
+    "ATTNFORGE_DUMP_DIR",
+    "path",
+    None,
+    "write ir.txt, fwd.py, bwd.py and meta.json of every kernel loaded to <dir>/<key>/",
+)
+_declare(
+    "ATTNFORGE_INTERPRET",
+    "bool",
+    False,
+    "run kernels under the Triton interpreter even for CUDA tensors (debugging)",
+)
+
+
+def _lookup(name: str) -> Knob:
+    full = name if name.startswith("ATTNFORGE_") else "ATTNFORGE_" + name.upper()
+    try:
+        return _REGISTRY[full]
+    except KeyError:
+        raise KeyError(f"unknown knob {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def get(name: str) -> Any:
+    """Current value of knob ``name`` ("ATTNFORGE_DEBUG" or "DEBUG"), parsed to its type."""
+    return _lookup(name).get()
+
+
+def all_knobs() -> list[Knob]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def describe() -> str:
+    """One line per knob: name, type, default, current value when set, doc."""
+    lines = []
+    for knob in all_knobs():
+        now = os.environ.get(knob.name)
+        cur = f" (now {now!r})" if now is not None else ""
+        lines.append(
+            f"{knob.name:<24} {knob.type:<5} default {knob.default_text()}{cur}\n    {knob.doc}"
+        )
+    return "\n".join(lines)
+
+
+def __getattr__(attr: str) -> Any:
+    # ``knobs.debug`` == ``knobs.get("ATTNFORGE_DEBUG")``, read at access time.
+    full = "ATTNFORGE_" + attr.upper()
+    if full in _REGISTRY:
+        return _REGISTRY[full].get()
+    raise AttributeError(f"module 'attnforge.runtime.knobs' has no attribute {attr!r}")
