@@ -7,7 +7,7 @@ format of ``torch.nn.attention.flex_attention.BlockMask``::
     nQ, nKV         ceil(Q_LEN / Q_BLOCK), ceil(KV_LEN / KV_BLOCK)
     kv_num_blocks       int32 [B, H, nQ]      PARTIAL kv blocks per q block (mask_mod applied)
     kv_indices          int32 [B, H, nQ, W]   their indices, ascending; entries past the count
-                                              are padding (0)
+                                              are padding (valid indices, unspecified)
     full_kv_num_blocks  int32 [B, H, nQ]      FULL kv blocks (mask_mod skipped); may be None
     full_kv_indices     int32 [B, H, nQ, Wf]
     q_num_blocks, q_indices, full_q_num_blocks, full_q_indices
@@ -203,11 +203,13 @@ def _transpose_intervals(lo_g, hi_g, n_rows, n_cols):
     stop = torch.searchsorted(lo_g, keys, right=True)
     start = torch.searchsorted(hi_g, keys, right=True)
     count = (stop - start).clamp(min=0)
-    first_row = start - torch.arange(bh, device=dev).repeat_interleave(n_cols) * n_rows
+    first = start - torch.arange(bh, device=dev).repeat_interleave(n_cols) * n_rows
+    first = torch.where(count > 0, first, 0).to(torch.int32).unsqueeze(-1)
+    last = first + (count.to(torch.int32).unsqueeze(-1) - 1).clamp(min=0)
     width = max(int(count.max()), 1) if count.numel() else 1
-    j = torch.arange(width, dtype=torch.int32, device=dev)
-    tidx = first_row.to(torch.int32).unsqueeze(-1) + j
-    tidx.masked_fill_(j >= count.to(torch.int32).unsqueeze(-1), 0)
+    # The output is the big tensor (nKV x nQ for causal): two passes, padding = last index.
+    tidx = first + torch.arange(width, dtype=torch.int32, device=dev)
+    torch.minimum(tidx, last, out=tidx)
     return count.to(torch.int32), tidx
 
 
@@ -647,12 +649,20 @@ def _group_sizes(grid_size, n_q: int, n_kv: int) -> tuple[int, int]:
 
 
 def _cell_counts(num, idx, gq, gk, rows, cols) -> torch.Tensor:
-    """int64 [rows, cols]: listed blocks per display cell (one (b, h), O(listed blocks))."""
-    num, idx = num.cpu(), idx.cpu()
-    valid = _valid(num, idx.shape[-1])
-    r = torch.arange(num.shape[0]).unsqueeze(-1).expand_as(valid)[valid] // gq
-    c = idx[valid].long() // gk
-    return torch.bincount(r * cols + c, minlength=rows * cols).reshape(rows, cols)
+    """int64 [rows, cols]: listed blocks per display cell of one (b, h).
+
+    Counts per block row come from a searchsorted of the cell boundaries into each (sorted)
+    row, so a million-token causal map prints without materialising the entries.
+    """
+    n_q, n_kv = num.shape[0], cols * gk
+    row = torch.where(_valid(num, idx.shape[-1]), idx, n_kv)
+    if not _rows_ascending(num, idx):
+        row = row.sort(dim=-1).values
+    bounds = torch.arange(cols + 1, device=idx.device, dtype=row.dtype) * gk
+    below = torch.searchsorted(row.contiguous(), bounds.expand(n_q, cols + 1).contiguous())
+    per_row = (below[:, 1:] - below[:, :-1]).cpu()
+    per_row = torch.cat([per_row, per_row.new_zeros(rows * gq - n_q, cols)])
+    return per_row.view(rows, gq, cols).sum(1)
 
 
 def _cell_char(full: int, part: int, size: int) -> str:
