@@ -69,3 +69,18 @@ def test_example_defines_a_module_level_variant(name, monkeypatch):
 def test_every_example_is_listed():
     on_disk = {p.stem for p in EXAMPLES.glob("*.py")} - {"_common", "train_tiny"}
     assert on_disk == set(ALL)
+
+
+def test_readme_knobs_table_lists_every_knob():
+    from attnforge.runtime import knobs
+
+    readme = (ROOT / "README.md").read_text()
+    table = {m for m in re.findall(r"^\| `(ATTNFORGE_\w+)`", readme, flags=re.M)}
+    assert table == {k.name for k in knobs.all_knobs()}
+
+
+def test_readme_test_command_matches_ci():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install torch==2.13.0 -e '.[test]' && TRITON_INTERPRET=1 python -m pytest" in readme
+    assert "torch==2.13.0" in ci and "TRITON_INTERPRET=1" in ci and "python -m pytest" in ci
