@@ -296,7 +296,7 @@ ERRORS = [
     ("variant a():\n    score = q_idx > kv_idx\n", 2, 13, "score must be a number, got bool"),
     ("variant a():\nmask = b == 0\n", 2, 1, "expected an indented block after the variant header"),
     ("variant a():\n    let d = 1\n  mask = b == 0\n", 3, 3, "unindent does not match"),
-    ("variant a():\n    let d = 1\n        mask = b == 0\n", 2, 14, "unexpected indent"),
+    ("variant a():\n    let d = 1\n        mask = b == 0\n", 3, 9, "unexpected indent"),
     ("variant a():\n    score = tanh(score\n    mask = b == 0\n", 2, 17, "'(' was never closed"),
     ("variant a():\n    score = score)\n", 2, 18, "unmatched ')'"),
     ("variant a()\n    score = score\n", 1, 12, "expected ':' after the variant header"),

@@ -419,7 +419,7 @@ def _explain(tok, expected: set[str], prev, opened: list) -> tuple[str, Any]:
     prev_text = repr(str(prev.value)) if prev is not None else None
     missing_at = _after(prev) if prev is not None and tok.type in ("_NL", "$END") else tok
     if tok.type == "_INDENT":
-        return "unexpected indent", (tok.line, tok.column)
+        return "unexpected indent", (tok.end_line, tok.end_column)  # the indented line
     if "_INDENT" in expected:
         return "expected an indented block after the variant header", tok
     if opened and "RPAR" in expected | {"RSQB"} and tok.line > opened[-1].line:
