@@ -559,3 +559,15 @@ def test_block_mask_from_scores_rejects_bad_input(kwargs, match):
         block_mask_from_scores(torch.randn(1, 1, 4, 4), BLOCK_SIZE=64, **kwargs)
     with pytest.raises(ValueError, match="NaN"):
         block_mask_from_scores(torch.full((1, 1, 2, 2), float("nan")), topk=1)
+
+
+def test_from_torch_block_mask():
+    pytest.importorskip("attnforge.dsl.api")
+    theirs = tflex.create_block_mask(
+        lambda b, h, q, kv: q >= kv, 2, 1, 300, 200, device="cpu", BLOCK_SIZE=64
+    )
+    ours = BlockMask.from_torch(theirs)
+    assert ours.shape == theirs.shape and ours.BLOCK_SIZE == (64, 64)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.full_q_num_blocks, theirs.full_q_num_blocks)
+    assert ours.mask_mod.ir is node(Op.GE, Q_IDX, KV_IDX)
