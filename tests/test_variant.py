@@ -369,3 +369,36 @@ def test_dump_dir_and_source_match_what_runs(e2e_cache, tmp_path, monkeypatch):
     assert (dumped / "fwd.py").read_text() == attn.source("fwd")
     assert "fwd.py" in attn.lowered.files
     assert str(attn.block_mask(64, 64)).strip()
+
+
+# -- plain Python functions (traced) --
+
+FLAG = True
+
+
+def test_plain_functions_are_traced_and_relowered_when_their_structure_changes(fake_lower):
+    global FLAG
+
+    def fn(score, b, h, q_idx, kv_idx):
+        return score * 2.0 if FLAG else score  # a baked global bool: re-traced when it flips
+
+    attn = variant(score_mod=fn)
+    first = attn.lowered
+    assert attn.lowered is first and "mul" in str(attn.ir)
+    FLAG = False
+    try:
+        assert attn.lowered is not first and "mul" not in str(attn.ir)
+        assert len(fake_lower) == 2
+    finally:
+        FLAG = True
+
+
+def test_plain_closure_values_are_read_each_call(fake_block_masks, fake_kernel_api):
+    window = 3
+    attn = variant(mask_mod=lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= window)
+    q, k, v = qkv()
+    attn(q, k, v)
+    window = 5  # noqa: F841 - read through the closure cell
+    attn(q, k, v)
+    assert [c[7] for c in fake_block_masks] == [(3,), (5,)]
+    assert attn.params == {"window": 5}

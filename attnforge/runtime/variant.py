@@ -180,14 +180,16 @@ class Variant:
 
     @property
     def lowered(self):
-        """The codegen result (``attnforge.codegen.Lowered``), lowered once per variant."""
+        """The codegen result (``attnforge.codegen.Lowered``), lowered once per IR."""
+        # A traced mod re-traces when a value baked into its structure changes: key on the IR.
+        irs = tuple(None if m is None else m.ir for m in (self._score, self._mask))
         shared = self._shared
         with shared.lock:
-            if shared.lowered is None:
+            if shared.lowered is None or any(a is not b for a, b in zip(shared.lowered[0], irs)):
                 from ..codegen import lower
 
-                shared.lowered = lower(self._score, self._mask)
-            return shared.lowered
+                shared.lowered = (irs, lower(self._score, self._mask))
+            return shared.lowered[1]
 
     def kernels(self, device: Any = None) -> dict:
         """The loaded kernel modules ``{"fwd": ..., "bwd": ...}`` for ``device``."""
@@ -249,7 +251,7 @@ class Variant:
         B = B if uses(self._mask.ir, Op.B) else None
         H = H if uses(self._mask.ir, Op.H) else None
         values = self._mask.param_values()
-        key = (B, H, L, S, str(device), _values_key(values))
+        key = (self._mask.ir, B, H, L, S, str(device), self.block_size, _values_key(values))
         masks = self._shared.masks
         with self._shared.lock:
             hit = masks.get(key)
