@@ -110,7 +110,7 @@ def test_logical_keywords_and_chained_comparisons():
     )
     d = N(Op.SUB, ir.Q_IDX, ir.KV_IDX)
     w = ir.scalar(0, DType.INT)
-    window = N(Op.AND, N(Op.LE, ir.const(0), d), N(Op.LT, d, w))
+    window = N(Op.AND, N(Op.GE, d, ir.const(0)), N(Op.LT, d, w))  # `0 <= d` is d.__ge__(0)
     both = N(Op.AND, window, N(Op.NOT, N(Op.EQ, ir.H, ir.const(1))))
     assert v.mask_mod.ir is N(Op.OR, both, N(Op.GT, ir.B, ir.const(0)))
 
@@ -135,7 +135,7 @@ def test_functions():
 def test_parameters_are_numbered_per_mod_in_order_of_use():
     v = _one(
         """
-        variant v(w: int = 4, cap = 2.0, bias: tensor[float32, 1], unused: bool = true):
+        variant v(w: int = 4, cap = 2.0, bias: tensor[float32, 1], unused: int = 7):
             d = q_idx - kv_idx           # a plain local
             score = cap * tanh(score / bias[d + w]) + d
             mask = d < w
@@ -144,8 +144,8 @@ def test_parameters_are_numbered_per_mod_in_order_of_use():
     assert [p.name for p in v.score_mod.params] == ["w", "bias", "cap"]
     assert [p.name for p in v.mask_mod.params] == ["w"]
     assert v.mask_mod.ir is N(Op.LT, N(Op.SUB, ir.Q_IDX, ir.KV_IDX), ir.scalar(0, DType.INT))
-    assert v.params == {"w": 4, "cap": 2.0, "bias": None, "unused": True}
-    assert v.param_types["bias"] == "tensor[float32, 1]" and v.param_types["unused"] == "bool"
+    assert v.params == {"w": 4, "cap": 2.0, "bias": None, "unused": 7}
+    assert v.param_types["bias"] == "tensor[float32, 1]" and v.param_types["unused"] == "int"
 
 
 def test_statements_rebind_and_only_needed_lines_count():
@@ -267,6 +267,127 @@ variant mix(w: int = 3, slope = 0.5):
         torch.testing.assert_close(got.expand_as(want), want)
 
 
+# -- text spec == traced Python twin --------------------------------------------------------------
+
+TWIN_SPEC = """
+variant softcap_causal(cap = 30.0):
+    score = cap * tanh(score / cap)
+    mask  = q_idx >= kv_idx
+
+variant doc_mask(doc: tensor[int32, 1]):
+    mask = doc[q_idx] == doc[kv_idx]
+
+variant rel_bias(bias: tensor[float32, 2], S: int = 20):
+    score = score + bias[h, q_idx - kv_idx + S]
+
+variant operand_order(a = 0.5, c = 2.0, w: int = 3):
+    score = a * c * score - 1 / (2 + c)
+    d = q_idx - kv_idx
+    mask = (0 <= d) & (d < w) | (3 > kv_idx)
+
+variant alibi_prefix(H: int = 4, prefix: int = 5):
+    score = score - exp2(-(float(h) + 1) * 8.0 / H) * abs(q_idx - kv_idx)
+    mask = (kv_idx < prefix) or not (q_idx < kv_idx)
+
+variant blocks(block: int = 4):
+    score = where(q_idx % 2 == 0, -score ** 2, log(sigmoid(score))) + clamp(score, -1.0, block)
+    mask = (q_idx // block == kv_idx // block) & (min(q_idx, kv_idx) >= max(b, h) - 1)
+
+variant index_math(table: tensor[float64, 2], n: int = 6):
+    score = 2 * score + table[h, int(floor(float(q_idx) / 2)) % n] * rsqrt(1.0 + abs(score))
+"""
+
+
+def _twins(doc, bias, table):
+    cap, S, a, c, w, H, prefix, block, n = 30.0, 20, 0.5, 2.0, 3, 4, 5, 4, 6
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def doc_mask(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + S]
+
+    def order_score(score, b, h, q_idx, kv_idx):
+        return a * c * score - 1 / (2 + c)
+
+    def order_mask(b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (0 <= d) & (d < w) | (3 > kv_idx)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - torch.exp2(-(h.float() + 1) * 8.0 / H) * torch.abs(q_idx - kv_idx)
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix) | ~(q_idx < kv_idx)
+
+    def blocks_score(score, b, h, q_idx, kv_idx):
+        picked = torch.where(q_idx % 2 == 0, -(score**2), torch.log(torch.sigmoid(score)))
+        return picked + torch.clamp(score, -1.0, block)
+
+    def blocks_mask(b, h, q_idx, kv_idx):
+        same = q_idx // block == kv_idx // block
+        return same & (torch.minimum(q_idx, kv_idx) >= torch.maximum(b, h) - 1)
+
+    def index_math(score, b, h, q_idx, kv_idx):
+        row = torch.floor(q_idx.float() / 2).long() % n
+        return 2 * score + table[h, row] * torch.rsqrt(1.0 + torch.abs(score))
+
+    return {
+        ("softcap_causal", "score"): softcap,
+        ("softcap_causal", "mask"): causal,
+        ("doc_mask", "mask"): doc_mask,
+        ("rel_bias", "score"): rel_bias,
+        ("operand_order", "score"): order_score,
+        ("operand_order", "mask"): order_mask,
+        ("alibi_prefix", "score"): alibi,
+        ("alibi_prefix", "mask"): prefix_lm,
+        ("blocks", "score"): blocks_score,
+        ("blocks", "mask"): blocks_mask,
+        ("index_math", "score"): index_math,
+    }
+
+
+def test_spec_and_python_twins_have_equal_keys_and_values():
+    from attnforge.dsl.api import trace
+
+    doc = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3], dtype=torch.int32)
+    bias, table = torch.randn(3, 40), torch.randn(3, 6, dtype=torch.float64)
+    spec = parse_spec(TWIN_SPEC)
+    spec["doc_mask"] = spec["doc_mask"].bind(doc=doc)
+    spec["rel_bias"] = spec["rel_bias"].bind(bias=bias)
+    spec["index_math"] = spec["index_math"].bind(table=table)
+    twins = _twins(doc, bias, table)
+    assert {name for name, _ in twins} == set(spec)
+    score, b, h, q, kv = _grid()
+    for (name, kind), fn in twins.items():
+        parsed = getattr(spec[name], f"{kind}_mod")
+        traced = trace(fn, kind)
+        assert parsed.ir.key == traced.ir.key, (
+            f"{name}.{kind}:\n{parsed.pretty()}\n{traced.pretty()}"
+        )
+        assert [p.name for p in parsed.params] == [p.name for p in traced.params], name
+        args = (score, b, h, q, kv) if kind == "score" else (b, h, q, kv)
+        want = fn(*args)
+        torch.testing.assert_close(parsed(*args).expand_as(want).to(want.dtype), want)
+
+
+def test_twins_differ_when_the_variants_differ():
+    from attnforge.dsl.api import trace
+
+    keys = {
+        m.ir.key for v in parse_spec(TWIN_SPEC).values() for m in (v.score_mod, v.mask_mod) if m
+    }
+    assert len(keys) == 11
+    w = 3
+    assert trace(lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= w, "mask").ir.key not in keys
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 ERRORS = [
@@ -366,6 +487,7 @@ ERRORS = [
         "parameter 'w' of variant 'a' is int; got 2.5",
     ),
     ("variant a(w):\n    score = score\n", 1, 11, "parameter 'w' needs a type or a default"),
+    ("variant a(f = true):\n    score = score\n", 1, 15, "bool parameters are not supported"),
     ("variant a(w = q_idx):\n    score = score\n", 1, 15, "the default of 'w' must be a constant"),
     (
         "variant a(w = 1, w = 2):\n    score = score\n",

@@ -92,7 +92,7 @@ _COMPARE = {
 }  # fmt: skip
 _LOGICAL = {"logical_and": (Op.AND, "and"), "logical_or": (Op.OR, "or")}
 
-SCALAR_TYPES = {"int": DType.INT, "float": DType.FLOAT, "bool": DType.BOOL}
+SCALAR_TYPES = {"int": DType.INT, "float": DType.FLOAT}
 TENSOR_DTYPES = tuple("bool uint8 int8 int16 int32 int64 float16 bfloat16 float32 float64".split())
 
 # name -> (min args, max args or None); documented in the module docstring.
@@ -140,15 +140,11 @@ class ParamDecl:
         if self.kind == "tensor":
             return self._check_tensor(value, where)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            if self.dtype is DType.BOOL and isinstance(value, bool):
-                return value
             raise ValueError(f"{where} is {self.type_name}; got {value!r}")
         if self.dtype is DType.INT:
             if not isinstance(value, numbers.Integral):
                 raise ValueError(f"{where} is int; got {value!r} (pass an integer)")
             return int(value)
-        if self.dtype is DType.BOOL:
-            raise ValueError(f"{where} is bool; got {value!r} (pass True or False)")
         return float(value)
 
     def _check_tensor(self, value: Any, where: str) -> Any:
@@ -513,13 +509,20 @@ class _VariantBuilder:
                     fix=f"write `{name}: float`, `{name}: int = 0` or `{name} = 1.0`",
                 )
             dtype = _dtype_of(value)
+            if dtype is DType.BOOL:
+                # The tracer bakes captured bools into the structure; a spec says so explicitly.
+                self.src.fail(
+                    f"parameter {name!r} is a bool; bool parameters are not supported",
+                    default,
+                    fix="write two variants, or use an int parameter (0/1) in the expressions",
+                )
         else:
             type_tok = ptype.children[0]
             if str(type_tok) not in SCALAR_TYPES:
                 self.src.fail(
                     f"unknown type {str(type_tok)!r}{_suggest(str(type_tok), SCALAR_TYPES)}",
                     type_tok,
-                    fix="use int, float, bool or tensor[dtype, ndim]",
+                    fix="use int, float or tensor[dtype, ndim]",
                 )
             dtype = SCALAR_TYPES[str(type_tok)]
         decl = ParamDecl(name, "scalar", dtype)
@@ -682,9 +685,13 @@ class _Evaluator:
             return value.decl.dtype
         return value.dtype if isinstance(value, Node) else _dtype_of(value)
 
-    def emit(self, op: Op, values: list, tree, arg: Any = None) -> Node:
-        srcs = [self.node(v) for v in values]
-        out = ir.node(op, *srcs, arg=arg)
+    def emit(self, op: Op, values: list, tree, arg: Any = None, right_first=False) -> Node:
+        """Build ``op(values)``. Operands are lifted to IR (numbering parameters) left to right
+        as torch functions do, or right first as Python operators do: ``a.__op__(b)`` lifts
+        ``b`` before ``a``."""
+        order = reversed(values) if right_first else values
+        lifted = {id(v): self.node(v) for v in order}
+        out = ir.node(op, *(lifted[id(v)] for v in values), arg=arg)
         if out not in self.locs:
             line, col, _ = _position(tree)
             self.locs[out] = self.src.loc(line, col)
@@ -738,15 +745,22 @@ class _Evaluator:
         a, b = (self.value(t) for t in tree.children)
         if op in (Op.AND, Op.OR, Op.XOR):
             self._need_integral(_SYMBOL[rule], tree, a, b)
-        return self._apply(op, fold, [a, b], tree)
+        return self._operator(op, fold, a, b, tree)
 
-    def _apply(self, op: Op, fold: Callable, args: list, tree, arg: Any = None) -> Any:
-        if all(isinstance(v, bool | int | float) for v in args):
+    def _operator(self, op: Op, fold: Callable, a: Any, b: Any, tree) -> Any:
+        """``a <op> b`` as Python evaluates it on traced values."""
+        if _is_number(a) and not _is_number(b) and op in _SWAPPED:
+            # `0 <= d`: int.__le__ gives up and Python calls d.__ge__(0)
+            op, a, b = _SWAPPED[op], b, a
+        return self._apply(op, fold, [a, b], tree, right_first=True)
+
+    def _apply(self, op: Op, fold: Callable, args: list, tree, arg=None, right_first=False):
+        if all(_is_number(v) for v in args):
             try:
                 return fold(*args)
             except (ZeroDivisionError, OverflowError, ValueError) as e:
                 self.src.fail(f"cannot compute this constant: {e}", tree)
-        return self.emit(op, args, tree, arg)
+        return self.emit(op, args, tree, arg, right_first)
 
     def _need_integral(self, symbol: str, tree, *values) -> None:
         for v in values:
@@ -776,8 +790,8 @@ class _Evaluator:
         for i in range(1, len(items), 2):
             right = self.value(items[i + 1])
             op, fold = _COMPARE[str(items[i])]
-            cmp = self._apply(op, fold, [left, right], tree)
-            result = cmp if result is None else self._apply(Op.AND, _fold_and, [result, cmp], tree)
+            cmp = self._operator(op, fold, left, right, tree)
+            result = cmp if result is None else self._operator(Op.AND, _fold_and, result, cmp, tree)
             left = right
         return result
 
@@ -791,7 +805,7 @@ class _Evaluator:
         op, word = _LOGICAL[rule]
         a, b = (self.value(t) for t in tree.children)
         self._need_bool(word, tree, a, b)
-        return self._apply(op, _fold_and if op is Op.AND else _fold_or, [a, b], tree)
+        return self._operator(op, _fold_and if op is Op.AND else _fold_or, a, b, tree)
 
     def _r_logical_not(self, tree) -> Any:
         v = self.value(tree.children[0])
@@ -831,8 +845,8 @@ class _Evaluator:
                     t,
                     fix="convert with int(...) or floor(...)",
                 )
-        tensor = self._param_node(decl)
-        return self.emit(Op.LOAD, [tensor, *indices], tree)
+        index_nodes = [self.node(v) for v in indices]  # the tracer lifts indices first
+        return self.emit(Op.LOAD, [self._param_node(decl), *index_nodes], tree)
 
     def _r_call(self, tree) -> Any:
         name_tok, *arg_trees = tree.children
@@ -873,10 +887,17 @@ class _Evaluator:
                 )
             return self._apply(Op.WHERE, _fold_where, args, tree)
         target = DType.FLOAT if name == "float" else DType.INT
+        if not _is_number(args[0]) and self.dtype(args[0]) is target:
+            return self.node(args[0])  # like x.float() on a float: no cast node
         return self._apply(Op.CAST, float if name == "float" else int, args, tree, arg=target)
 
 
 _BITWISE = {"and": "&", "or": "|", "not": "~"}
+_SWAPPED = {Op.LT: Op.GT, Op.GT: Op.LT, Op.LE: Op.GE, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, bool | int | float)
 
 
 def _fold_invert(x):
