@@ -85,7 +85,7 @@ _BINOPS: dict[str, tuple[Op, Callable]] = {
     "bit_or": (Op.OR, operator.or_),
     "bit_xor": (Op.XOR, operator.xor),
 }
-_SYMBOL = {"bit_and": "&", "bit_or": "|", "bit_xor": "^", "invert": "~"}
+_SYMBOL = {"bit_and": "&", "bit_or": "|", "bit_xor": "^"}
 _COMPARE = {
     "<": (Op.LT, operator.lt), "<=": (Op.LE, operator.le), ">": (Op.GT, operator.gt),
     ">=": (Op.GE, operator.ge), "==": (Op.EQ, operator.eq), "!=": (Op.NE, operator.ne),
