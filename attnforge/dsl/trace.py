@@ -637,10 +637,12 @@ class Proxy:
 
     # -- python operators --
     def _bin(self, op, other, reflected=False):
+        # operands are lifted left to right so parameters are numbered in source order
+        mine = None if reflected else self.node
         o = lift(other)
         if o is None:
             return NotImplemented
-        a, b = (o, self.node) if reflected else (self.node, o)
+        a, b = (o, self.node) if reflected else (mine, o)
         if op in ir.LOGIC:
             _check_logic(op, a, b)
         return mk(op, a, b)
