@@ -328,7 +328,7 @@ def _spawn(cache_dir, salt):
 
 
 def _result(proc):
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -451,3 +451,12 @@ def test_describe_lists_every_knob():
     ):
         assert name in text
     assert all(k.doc for k in knobs.all_knobs())
+
+
+def test_fresh_source_that_fails_to_import_raises_and_is_not_published(cache_dir):
+    low = FakeLowered("broken")
+    low._files["fwd.py"] = "def broken(:\n"
+    with pytest.raises(SyntaxError):
+        cache.load_kernels(low, "cpu-interp")
+    assert not (_entry(low) / "entry.json").exists()
+    assert cache.cache_info().entries == 0

@@ -176,7 +176,11 @@ def _load_or_build(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         return modules
     files = _generate(lowered)
     directory = _publish(directory, files, lowered.key, device_kind)
-    modules = _import_entry(directory, lowered.key, device_kind)
+    try:
+        modules = _import_entry(directory, lowered.key, device_kind)
+    except Exception:
+        _discard(directory / _ENTRY)  # fresh source that does not import: never serve it later
+        raise
     _stats.compiles += 1
     _dump(directory)
     return modules
