@@ -1,0 +1,241 @@
+"""``attnforge.flex_attention``: drop-in for ``torch.nn.attention.flex_attention.flex_attention``.
+
+Shape legend::
+
+    q    (B, Hq, L, E)        k (Bkv, Hkv, S, E)      v (Bkv, Hkv, S, Ev)
+    out  (B, Hq, L, Ev)       lse (B, Hq, L), fp32, natural log
+    Bkv in {1, B}; Hkv == Hq, or Hq % Hkv == 0 with enable_gqa=True
+
+Example::
+
+    import torch, attnforge as af
+    q, k, v = (torch.randn(1, 2, 200, 40) for _ in range(3))
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - 0.5 * (h + 1) * (q_idx - kv_idx)
+
+    bm = af.create_block_mask(causal, None, None, 200, 200, device="cpu")
+    out, lse = af.flex_attention(q, k, v, score_mod=alibi, block_mask=bm, return_lse=True)
+
+The data path: mods -> ``dsl.api.as_mod`` (trace, cached per function) -> ``codegen.lower``
+(cached per IR) -> ``runtime.cache.load_kernels`` (content-keyed, disk + memory) ->
+``runtime.launch`` (config, arguments) -> ``runtime.autograd``.  There is no fallback to dense
+math: anything unsupported raises.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from . import launch
+from .autograd import attention
+
+__all__ = ["flex_attention"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Any = None,
+    block_mask: Any = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict | None = None,
+):
+    """Attention with a score mod and a block-sparse mask, FlexAttention semantics.
+
+    ``score_mod(score, b, h, q_idx, kv_idx)`` sees the scaled logit; ``block_mask`` (from
+    :func:`attnforge.create_block_mask`, or a torch ``BlockMask``) skips empty blocks and
+    applies its ``mask_mod`` in partial ones; ``scale`` defaults to ``1 / sqrt(E)``.  A query
+    row with every key masked gives output 0 and lse ``-inf``.  Returns ``out``, or
+    ``(out, lse)`` with ``return_lse=True``.  ``kernel_options`` may set ``BLOCK_M``,
+    ``BLOCK_N``, ``num_warps``, ``num_stages``.
+    """
+    q, k, v = query, key, value
+    _check_tensors(q, k, v, enable_gqa)
+    options = launch.check_kernel_options(kernel_options)
+    B, Hq, L, E = q.shape
+    S = k.shape[2]
+    if block_mask is None:
+        if k.shape[0] not in (1, B):
+            raise ValueError(
+                f"key/value batch Bkv={k.shape[0]} must equal the query batch B={B} or be 1"
+            )
+        block_mask = _full_plan(L, S, q.device)
+    else:
+        block_mask = _check_block_mask(block_mask, q, k)
+    scale = 1.0 / math.sqrt(E) if scale is None else _check_scale(scale)
+
+    from ..codegen import lower
+    from ..dsl.api import as_mod
+    from . import cache, loader
+
+    score = as_mod(score_mod, "score")
+    mask = block_mask.mask_mod
+    lowered = lower(score, mask)
+    scalars, tensors = launch.param_values(lowered, score, mask)
+    for t in tensors:
+        if t.device != q.device:
+            raise ValueError(
+                f"a captured tensor is on {t.device} but q is on {q.device}; move the tensor "
+                f"the mod captures to {q.device}"
+            )
+    call = launch.KernelCall(
+        modules=cache.load_kernels(lowered, loader.device_kind(q.device)),
+        lowered=lowered,
+        block_mask=block_mask,
+        scale=scale,
+        gqa_group=Hq // k.shape[1],
+        config=launch.choose_fwd_config(q, v, block_mask.BLOCK_SIZE, options),
+        scalars=scalars,
+        return_lse=bool(return_lse),
+        options=options,
+    )
+    out, lse = attention(call, q, k, v, tensors)
+    return (out, lse) if return_lse else out
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _check_tensors(q, k, v, enable_gqa: bool) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (B, H, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q.dtype not in _DTYPES:
+        raise ValueError(
+            f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"query, key and value must be on the same device, got {q.device}, {k.device}, "
+            f"{v.device}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same head dim, got E={q.shape[-1]} and "
+            f"E={k.shape[-1]}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"key {tuple(k.shape)} and value {tuple(v.shape)} must agree in (B, H, seq_len)"
+        )
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if not enable_gqa and Hq != Hkv:
+        raise ValueError(
+            f"query and key/value must have the same number of heads, got Hq={Hq} and "
+            f"Hkv={Hkv}; set enable_gqa=True for grouped-query attention"
+        )
+    if enable_gqa and (Hkv == 0 or Hq % Hkv):
+        raise ValueError(
+            f"with enable_gqa the number of query heads must be a multiple of the kv heads, "
+            f"got Hq={Hq} and Hkv={Hkv}"
+        )
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be positive, got E={q.shape[-1]}, Ev={v.shape[-1]}")
+
+
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a float or None, got {scale!r}") from None
+
+
+def _check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor):
+    from .blockmask import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
+            block_mask = BlockMask.from_torch(block_mask)  # torch's BlockMask
+        else:
+            raise ValueError(
+                f"block_mask must be an attnforge BlockMask (af.create_block_mask) or None, "
+                f"got {type(block_mask).__name__}"
+            )
+    B, Hq, L = q.shape[:3]
+    S = k.shape[2]
+    bl, bs = block_mask.seq_lengths
+    if L > bl or S > bs:
+        raise ValueError(
+            f"block_mask was created for (Q_LEN, KV_LEN)=({bl}, {bs}) but got q_len={L} and "
+            f"kv_len={S}: the block mask is smaller than the input; create a new block mask "
+            f"for these lengths"
+        )
+    if (L, S) != (bl, bs):
+        raise ValueError(
+            f"block_mask was created for (Q_LEN, KV_LEN)=({bl}, {bs}) but got q_len={L} and "
+            f"kv_len={S}: create a block mask with the lengths you use"
+        )
+    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
+    if Bm not in (1, B) or Hm not in (1, Hq):
+        raise ValueError(
+            f"block_mask has (B, H)=({Bm}, {Hm}); it must be 1 or match the query's "
+            f"(B, Hq)=({B}, {Hq})"
+        )
+    if k.shape[0] not in (1, B):
+        raise ValueError(
+            f"key/value batch Bkv={k.shape[0]} must equal the query batch B={B} or be 1"
+        )
+    if block_mask.kv_num_blocks.device != q.device:
+        raise ValueError(
+            f"block_mask is on {block_mask.kv_num_blocks.device} but q is on {q.device}; "
+            f"use block_mask.to({str(q.device)!r})"
+        )
+    return block_mask
+
+
+# -- the all-FULL plan used when block_mask is None --------------------------------------------
+
+_FULL_BLOCK = 128
+_full_plans: dict[tuple, Any] = {}
+_full_lock = threading.Lock()
+
+
+def _full_plan(L: int, S: int, device: torch.device):
+    """A BlockMask with every kv block FULL (no mask code runs), cached per (L, S, device)."""
+    key = (L, S, str(device))
+    plan = _full_plans.get(key)
+    if plan is not None:
+        return plan
+    from .blockmask import BlockMask
+
+    n_q = max(1, -(-L // _FULL_BLOCK))
+    n_kv = -(-S // _FULL_BLOCK)
+    partial_num = torch.zeros((1, 1, n_q), dtype=torch.int32, device=device)
+    partial_idx = torch.zeros((1, 1, n_q, 1), dtype=torch.int32, device=device)
+    full_num = torch.full((1, 1, n_q), n_kv, dtype=torch.int32, device=device)
+    full_idx = torch.arange(max(n_kv, 1), dtype=torch.int32, device=device)
+    full_idx = full_idx.expand(1, 1, n_q, -1).contiguous()
+    plan = BlockMask(
+        (max(L, 1), max(S, 1)), partial_num, partial_idx, full_num, full_idx,
+        BLOCK_SIZE=(_FULL_BLOCK, _FULL_BLOCK), mask_mod=None, _ascending=True,
+    )  # fmt: skip
+    with _full_lock:
+        if len(_full_plans) > 64:
+            _full_plans.clear()
+        _full_plans[key] = plan
+    return plan

@@ -1,0 +1,253 @@
+"""Kernel launch: tile configs, argument lists (strides, block mask, captured values), grids.
+
+The argument order is the Kernel ABI of ``codegen/templates/fwd.py.tmpl`` (also in
+``docs/architecture.md``).  Everything shape-, stride- or value-dependent is a runtime argument;
+only head dims, tiles, block sizes and a few flags are constexprs, so a new length, window size
+or cap never generates new source (Triton may still specialise a compile on divisibility).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FwdConfig",
+    "KernelCall",
+    "KERNEL_OPTIONS",
+    "IGNORED_FLEX_OPTIONS",
+    "check_kernel_options",
+    "choose_fwd_config",
+    "param_values",
+    "launch_fwd",
+]
+
+# kernel_options keys attnforge honours -> what they set
+KERNEL_OPTIONS: dict[str, str] = {
+    "BLOCK_M": "forward query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
+    "BLOCK_N": "forward key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
+    "num_warps": "forward warps per program",
+    "num_stages": "forward software-pipelining stages",
+}
+# FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
+IGNORED_FLEX_OPTIONS = frozenset(
+    {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
+     "BACKEND", "USE_TMA", "WRITE_DQ", "OUTPUT_LOGSUMEXP"}
+)  # fmt: skip
+
+_MIN_TILE = 16  # tl.dot needs every dimension >= 16
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+def check_kernel_options(kernel_options: dict | None) -> dict:
+    if kernel_options is None:
+        return {}
+    if not isinstance(kernel_options, dict):
+        raise ValueError(f"kernel_options must be a dict or None, got {type(kernel_options)}")
+    unknown = sorted(set(kernel_options) - set(KERNEL_OPTIONS) - IGNORED_FLEX_OPTIONS)
+    if unknown:
+        valid = ", ".join(f"{k} ({v})" for k, v in KERNEL_OPTIONS.items())
+        raise ValueError(
+            f"unknown kernel_options {unknown}; valid keys: {valid}; accepted and ignored "
+            f"(FlexAttention-only): {', '.join(sorted(IGNORED_FLEX_OPTIONS))}"
+        )
+    for k in KERNEL_OPTIONS:
+        v = kernel_options.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"kernel_options[{k!r}] must be a positive int, got {v!r}")
+    return kernel_options
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def _default_fwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) -> FwdConfig:
+    if device.type != "cuda":
+        # Interpreter: every tl op costs Python overhead, so fewer, larger tiles run faster.
+        return FwdConfig(64, 64, 4, 1)
+    if dtype == torch.float32:
+        return FwdConfig(64, 32, 4, 2) if head_dim_pad <= 128 else FwdConfig(32, 32, 4, 1)
+    if head_dim_pad <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if head_dim_pad <= 128:
+        return FwdConfig(128, 64, 8, 3)
+    return FwdConfig(64, 32, 4, 2)
+
+
+def _tile(name: str, want: int, block: int, which: str, explicit: bool) -> int:
+    if explicit:
+        if want & (want - 1) or want < _MIN_TILE or block % want:
+            raise ValueError(
+                f"kernel_options[{name!r}]={want} must be a power of two >= {_MIN_TILE} that "
+                f"divides the block mask's {which}={block}"
+            )
+        return want
+    tile = min(want, _pow2_divisor(block))
+    if tile < _MIN_TILE:
+        raise ValueError(
+            f"block mask {which}={block} is not a multiple of {_MIN_TILE}; the kernels walk "
+            f"each block in tiles of at least {_MIN_TILE}: create the block mask with "
+            f"BLOCK_SIZE a multiple of {_MIN_TILE} (128 is the default)"
+        )
+    return tile
+
+
+def choose_fwd_config(
+    q: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], options: dict
+) -> FwdConfig:
+    """Default tiles for the device/dtype/head dim, overridden by ``kernel_options``; tiles
+    always divide the block mask's (Q_BLOCK, KV_BLOCK)."""
+    d_pad = max(head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
+    base = _default_fwd(q.device, q.dtype, d_pad)
+    return FwdConfig(
+        BLOCK_M=_tile("BLOCK_M", options.get("BLOCK_M", base.BLOCK_M), block_size[0],
+                      "Q_BLOCK (BLOCK_SIZE[0])", "BLOCK_M" in options),
+        BLOCK_N=_tile("BLOCK_N", options.get("BLOCK_N", base.BLOCK_N), block_size[1],
+                      "KV_BLOCK (BLOCK_SIZE[1])", "BLOCK_N" in options),
+        num_warps=options.get("num_warps", base.num_warps),
+        num_stages=options.get("num_stages", base.num_stages),
+    )  # fmt: skip
+
+
+def head_dim_pad(d: int) -> int:
+    return max(_MIN_TILE, 1 << max(0, math.ceil(math.log2(max(d, 1)))))
+
+
+# -- the call ----------------------------------------------------------------------------------
+
+
+@dataclass
+class KernelCall:
+    """Everything a launch needs besides q, k, v and the captured tensors (which autograd must
+    see as inputs).  Saved on ``ctx.call`` for the backward."""
+
+    modules: dict[str, ModuleType]
+    lowered: Any  # attnforge.codegen.Lowered
+    block_mask: Any  # attnforge.runtime.blockmask.BlockMask (or the all-FULL plan)
+    scale: float
+    gqa_group: int
+    config: FwdConfig
+    scalars: dict[int, Any] = field(default_factory=dict)  # slot -> value
+    return_lse: bool = False
+    options: dict = field(default_factory=dict)
+
+    def with_config(self, **kw) -> KernelCall:
+        return replace(self, config=replace(self.config, **kw))
+
+
+def param_values(lowered, score_mod, mask_mod) -> tuple[dict[int, Any], list[torch.Tensor]]:
+    """Current captured values: ``(scalars by slot, tensors in slot order)``."""
+    scalars: dict[int, Any] = {}
+    tensors: list[torch.Tensor] = []
+    by_mod = {"score": score_mod, "mask": mask_mod}
+    cache: dict[str, dict] = {}
+    for slot in lowered.slots:
+        values = cache.get(slot.mod)
+        if values is None:
+            mod = by_mod[slot.mod]
+            values = cache[slot.mod] = {p.index: p.current() for p in mod.params}
+        v = values[slot.index]
+        if slot.kind == "scalar":
+            scalars[slot.slot] = _scalar(v, slot)
+        else:
+            tensors.append(_tensor(v, slot))
+    return scalars, tensors
+
+
+def _scalar(v: Any, slot) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if slot.dtype == "float":
+        return float(v)
+    if slot.dtype == "int":
+        return int(v)
+    return bool(v)
+
+
+def _tensor(v: Any, slot) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(
+            f"captured value for kernel parameter T{slot.slot} ({slot.mod} mod, param "
+            f"{slot.index}) should be a tensor, got {type(v).__name__}; re-create the mod"
+        )
+    dtype = str(v.dtype).removeprefix("torch.")
+    if v.dim() != slot.ndim or dtype != slot.dtype:
+        raise ValueError(
+            f"captured tensor (param {slot.index} of the {slot.mod} mod) is now {dtype} with "
+            f"{v.dim()} dims, but the kernel was traced for {slot.dtype} with {slot.ndim}; "
+            "re-create the mod after changing a captured tensor's dtype or rank"
+        )
+    return v
+
+
+def _bm_strides(t: torch.Tensor) -> list[int]:
+    """Strides with 0 on size-1 batch/head dims, so a B=1 or H=1 block mask broadcasts."""
+    return [0 if (d < 2 and t.shape[d] == 1) else t.stride(d) for d in range(t.dim())]
+
+
+def _param_args(lowered, scalars: dict[int, Any], tensors: list[torch.Tensor]) -> list:
+    args: list = []
+    it = iter(tensors)
+    for slot in lowered.slots:
+        if slot.kind == "scalar":
+            args.append(scalars[slot.slot])
+        else:
+            t = next(it)
+            args += [t, *t.shape, *t.stride()]
+    return args
+
+
+def launch_fwd(
+    call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: ``(out [B, Hq, L, Ev] in q's dtype, lse [B, Hq, L] fp32)``."""
+    B, Hq, L, E = q.shape
+    S, Ev = k.shape[2], v.shape[-1]
+    out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if L == 0 or B * Hq == 0:
+        return out, lse
+    bm, cfg = call.block_mask, call.config
+    q_block, kv_block = bm.BLOCK_SIZE
+    num, idx = bm.kv_num_blocks, bm.kv_indices
+    fnum, fidx = bm.full_kv_num_blocks, bm.full_kv_indices
+    has_full = fnum is not None
+    if not has_full:
+        fnum, fidx = num, idx  # dummies: the FULL loop is compiled out
+    kz = 0 if k.shape[0] == 1 else k.stride(0)
+    vz = 0 if v.shape[0] == 1 else v.stride(0)
+    grid = (triton_cdiv(L, cfg.BLOCK_M), B * Hq)
+    call.modules["fwd"]._attn_fwd[grid](
+        q, k, v, out, lse,
+        num, idx, fnum, fidx,
+        *q.stride(),
+        kz, *k.stride()[1:],
+        vz, *v.stride()[1:],
+        *out.stride(),
+        *_bm_strides(num), *_bm_strides(idx), *_bm_strides(fnum), *_bm_strides(fidx),
+        Hq, call.gqa_group, L, S, call.scale,
+        *_param_args(call.lowered, call.scalars, tensors),
+        HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
+        EVEN_KV=S % kv_block == 0, HAS_FULL_BLOCKS=has_full,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
