@@ -460,3 +460,17 @@ def test_fresh_source_that_fails_to_import_raises_and_is_not_published(cache_dir
         cache.load_kernels(low, "cpu-interp")
     assert not (_entry(low) / "entry.json").exists()
     assert cache.cache_info().entries == 0
+
+
+def test_autotuned_interpreted_kernel_is_self_contained(tmp_path):
+    path = tmp_path / "tuned.py"
+    path.write_text(
+        FWD.replace(
+            "@triton.jit\ndef kernel",
+            "@triton.autotune(configs=[triton.Config({}, num_warps=1)], key=['N'])\n"
+            "@triton.jit\ndef kernel",
+        )
+    )
+    mod = loader.load_module(path, "attnforge_test.tuned", interpret=True)
+    assert type(mod.kernel.fn).__name__ == "SelfContainedInterpretedFunction"
+    _check_fwd(mod)

@@ -186,8 +186,17 @@ def _make_launches_self_contained(module: ModuleType) -> None:
         return
     cls = _self_contained_class(InterpretedFunction)
     for value in vars(module).values():
-        if type(value) is InterpretedFunction:
-            value.__class__ = cls
+        for _ in range(8):  # through @triton.autotune / @triton.heuristics wrappers (``.fn``)
+            if type(value) is InterpretedFunction:
+                value.__class__ = cls
+                break
+            value = getattr(value, "fn", None) if _is_kernel_wrapper(value) else None
+
+
+def _is_kernel_wrapper(value) -> bool:
+    from triton.runtime.jit import KernelInterface
+
+    return isinstance(value, KernelInterface)
 
 
 _CLASS_CACHE: dict = {}
