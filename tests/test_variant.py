@@ -39,11 +39,12 @@ def _have(*modules: str) -> bool:
         return False
 
 
+_KERNELS = ("attnforge.dsl.api", "attnforge.runtime.api", "attnforge.codegen.emit")
+E2E_SCORE = pytest.mark.skipif(not _have(*_KERNELS), reason="needs the tracer and kernel codegen")
 E2E = pytest.mark.skipif(
-    not _have("attnforge.dsl.api", "attnforge.runtime.api", "attnforge.codegen.blocks",
-              "attnforge.codegen.emit"),
+    not _have(*_KERNELS, "attnforge.codegen.blocks"),
     reason="needs the tracer, block planner and kernel codegen",
-)  # fmt: skip
+)
 
 
 # -- hand-built mods --
@@ -244,133 +245,6 @@ def test_public_exports():
     assert attnforge.variant is variant and attnforge.parse_spec is parse_spec
 
 
-# -- end to end (tracer + block planner + kernels) --
-
-
-@pytest.fixture
-def e2e_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("ATTNFORGE_DUMP_DIR", "ATTNFORGE_DISABLE_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    cache.cache_clear()
-    yield tmp_path / "cache"
-    cache.cache_clear()
-
-
-def _reference(q, k, v, score_mod=None, mask_mod=None):
-    from attnforge.runtime.reference import reference_attention
-
-    out = reference_attention(q.double(), k.double(), v.double(), score_mod=score_mod,
-                              mask_mod=mask_mod)  # fmt: skip
-    return out.float()
-
-
-def _close(out, ref):
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # fp32 kernel vs float64
-
-
-def _small(L=40, S=40):
-    return qkv(B=1, H=2, L=L, S=S, D=16)
-
-
-@E2E
-def test_twelve_identical_lambdas_share_one_kernel(e2e_cache):
-    import attnforge as af
-
-    q, k, v = _small()
-    for i in range(12):
-        fn = eval("lambda score, b, h, q_idx, kv_idx: score * 0.5 + (q_idx - kv_idx) * 0.01")
-        assert i == 0 or fn is not prev  # noqa: F821 - distinct function objects
-        prev = fn  # noqa: F841
-        out = af.flex_attention(q, k, v, score_mod=fn)
-        _close(out, _reference(q, k, v, score_mod=fn))
-    info = af.cache_info()
-    assert (info.misses, info.entries, info.disk_entries) == (1, 1, 1)
-
-
-@E2E
-def test_sliding_window_sizes_share_one_kernel(e2e_cache):
-    import attnforge as af
-    from attnforge.library import generate_sliding_window
-
-    q, k, v = _small()
-    for w in (1, 3, 8, 17, 30):
-        attn = af.variant(mask_mod=generate_sliding_window(w), block_size=16)
-        _close(attn(q, k, v), _reference(q, k, v, mask_mod=attn.mask_mod))
-    info = af.cache_info()
-    assert (info.misses, info.entries, info.disk_entries) == (1, 1, 1)
-
-
-_SECOND = """
-import json, torch, attnforge as af
-from attnforge.library import generate_sliding_window
-attn = af.variant(mask_mod=generate_sliding_window({w}), block_size=16)
-torch.manual_seed(0)
-q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
-out = attn(q, k, v)
-print(json.dumps(dict(af.cache_info()._asdict(), out=out.sum().item())))
-"""
-
-
-@E2E
-def test_second_process_compiles_nothing(e2e_cache):
-    import attnforge as af
-    from attnforge.library import generate_sliding_window
-
-    q, k, v = _small()
-    af.variant(mask_mod=generate_sliding_window(5), block_size=16)(q, k, v)
-    env = dict(os.environ, ATTNFORGE_CACHE_DIR=str(e2e_cache), TRITON_INTERPRET="1",
-               PYTHONPATH=str(REPO))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _SECOND.format(w=11)], env=env, text=True,
-                          capture_output=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["disk_hits"] >= 1 and info["compiles"] == 0 and info["codegen_seconds"] == 0.0
-
-
-@E2E
-def test_corrupted_kernel_file_is_rebuilt(e2e_cache):
-    q, k, v = _small()
-    attn = variant(mask_mod=causal_mod(), block_size=16)
-    ref = _reference(q, k, v, mask_mod=attn.mask_mod)
-    _close(attn(q, k, v), ref)
-    path = Path(attn.kernels(q.device)["fwd"].__file__)
-    path.write_text(path.read_text() + "\nthis is not python\n")
-    cache.cache_clear()
-    with pytest.warns(RuntimeWarning, match="corrupt kernel cache entry"):
-        _close(variant(mask_mod=causal_mod(), block_size=16)(q, k, v), ref)
-    assert "this is not python" not in path.read_text()
-
-
-@E2E
-def test_unwritable_cache_dir_still_runs(tmp_path, monkeypatch):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(blocker / "cache"))
-    cache.cache_clear()
-    q, k, v = _small()
-    attn = variant(mask_mod=causal_mod(), block_size=16)
-    with pytest.warns(RuntimeWarning, match="not writable"):
-        out = attn(q, k, v)
-    _close(out, _reference(q, k, v, mask_mod=attn.mask_mod))
-    cache.cache_clear()
-
-
-@E2E
-def test_dump_dir_and_source_match_what_runs(e2e_cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNFORGE_DUMP_DIR", str(tmp_path / "dump"))
-    q, k, v = _small()
-    attn = variant(score_mod=scale_score(), mask_mod=causal_mod(), block_size=16)
-    _close(attn(q, k, v), _reference(q, k, v, attn.score_mod, attn.mask_mod))
-    module = attn.kernels(q.device)["fwd"]
-    assert attn.source("fwd") == inspect.getsource(module)
-    dumped = tmp_path / "dump" / attn.lowered.key
-    assert {"fwd.py", "ir.txt", "meta.json"} <= {p.name for p in dumped.iterdir()}
-    assert (dumped / "fwd.py").read_text() == attn.source("fwd")
-    assert "fwd.py" in attn.lowered.files
-    assert str(attn.block_mask(64, 64)).strip()
-
-
 # -- plain Python functions (traced) --
 
 FLAG = True
@@ -402,3 +276,152 @@ def test_plain_closure_values_are_read_each_call(fake_block_masks, fake_kernel_a
     attn(q, k, v)
     assert [c[7] for c in fake_block_masks] == [(3,), (5,)]
     assert attn.params == {"window": 5}
+
+
+# -- end to end (tracer + block planner + kernels) --
+
+
+@pytest.fixture
+def e2e_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("ATTNFORGE_DUMP_DIR", "ATTNFORGE_DISABLE_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    cache.cache_clear()
+    yield tmp_path / "cache"
+    cache.cache_clear()
+
+
+def _reference(q, k, v, score_mod=None, mask_mod=None):
+    from attnforge.runtime.reference import reference_attention
+
+    out = reference_attention(q.double(), k.double(), v.double(), score_mod=score_mod,
+                              mask_mod=mask_mod)  # fmt: skip
+    return out.float()
+
+
+def _close(out, ref):
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # fp32 kernel vs float64
+
+
+def _small(L=40, S=40):
+    return qkv(B=1, H=2, L=L, S=S, D=16)
+
+
+@E2E_SCORE
+def test_twelve_identical_lambdas_share_one_kernel(e2e_cache):
+    import attnforge as af
+
+    q, k, v = _small()
+    for i in range(12):
+        fn = eval("lambda score, b, h, q_idx, kv_idx: score * 0.5 + (q_idx - kv_idx) * 0.01")
+        assert i == 0 or fn is not prev  # noqa: F821 - distinct function objects
+        prev = fn  # noqa: F841
+        out = af.flex_attention(q, k, v, score_mod=fn)
+        _close(out, _reference(q, k, v, score_mod=fn))
+    info = af.cache_info()
+    assert (info.misses, info.hits, info.compiles) == (1, 11, 1)
+    assert (info.entries, info.disk_entries) == (1, 1)
+
+
+@E2E
+def test_sliding_window_sizes_share_one_kernel(e2e_cache):
+    import attnforge as af
+    from attnforge.library import generate_sliding_window
+
+    q, k, v = _small()
+    for w in (1, 3, 8, 17, 30):
+        attn = af.variant(mask_mod=generate_sliding_window(w), block_size=16)
+        _close(attn(q, k, v), _reference(q, k, v, mask_mod=attn.mask_mod))
+    info = af.cache_info()
+    assert (info.misses, info.compiles, info.entries, info.disk_entries) == (1, 1, 1, 1)
+
+
+def _slope_variant(slope: float):
+    """A relative-position bias with a captured slope (a kernel argument, not in the key)."""
+    return variant(score_mod=lambda score, b, h, q_idx, kv_idx: score + slope * (kv_idx - q_idx))
+
+
+_SECOND = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_variant import _slope_variant, _reference
+attn = _slope_variant(0.25)
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+err = (attn(q, k, v) - _reference(q, k, v, score_mod=attn.score_mod)).abs().max().item()
+from attnforge.runtime import cache
+print(json.dumps(dict(cache.cache_info()._asdict(), err=err)))
+"""
+
+
+@E2E_SCORE
+def test_second_process_compiles_nothing(e2e_cache):
+    q, k, v = _small()
+    attn = _slope_variant(0.1)
+    _close(attn(q, k, v), _reference(q, k, v, score_mod=attn.score_mod))
+    assert cache.cache_info().compiles == 1
+    env = dict(os.environ, ATTNFORGE_CACHE_DIR=str(e2e_cache), TRITON_INTERPRET="1",
+               PYTHONPATH=str(REPO))  # fmt: skip
+    code = _SECOND.format(tests=str(REPO / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["disk_hits"] == 1 and info["compiles"] == 0 and info["codegen_seconds"] == 0.0
+    assert info["err"] < 1e-4
+
+
+@E2E_SCORE
+def test_corrupted_kernel_file_is_rebuilt(e2e_cache):
+    q, k, v = _small()
+    attn = _slope_variant(0.1)
+    ref = _reference(q, k, v, score_mod=attn.score_mod)
+    _close(attn(q, k, v), ref)
+    path = Path(attn.kernels(q.device)["fwd"].__file__)
+    path.write_text(path.read_text().replace("\n", "\n    this is not python\n", 1))
+    cache.cache_clear()
+    again = _slope_variant(0.1)
+    with pytest.warns(RuntimeWarning, match="corrupt kernel cache entry"):
+        _close(again(q, k, v), ref)
+    assert "this is not python" not in path.read_text()
+    assert cache.cache_info().compiles == 1
+
+
+@E2E_SCORE
+def test_unwritable_cache_dir_still_runs(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(blocker / "cache"))
+    cache.cache_clear()
+    try:
+        q, k, v = _small()
+        attn = _slope_variant(0.2)
+        with pytest.warns(RuntimeWarning, match="not writable"):
+            out = attn(q, k, v)
+        _close(out, _reference(q, k, v, score_mod=attn.score_mod))
+    finally:
+        cache.cache_clear()
+
+
+@E2E_SCORE
+def test_dump_dir_and_source_match_what_runs(e2e_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNFORGE_DUMP_DIR", str(tmp_path / "dump"))
+    q, k, v = _small()
+    attn = _slope_variant(0.3)
+    _close(attn(q, k, v), _reference(q, k, v, score_mod=attn.score_mod))
+    module = attn.kernels(q.device)["fwd"]
+    assert attn.source("fwd") == inspect.getsource(module) == attn.lowered.files["fwd.py"]
+    dumped = tmp_path / "dump" / attn.lowered.key
+    assert {"fwd.py", "ir.txt", "meta.json"} <= {p.name for p in dumped.iterdir()}
+    assert (dumped / "fwd.py").read_text() == attn.source("fwd")
+    assert json.loads((dumped / "meta.json").read_text())["key"] == attn.lowered.key
+
+
+@E2E
+def test_masked_variant_source_and_block_map(e2e_cache):
+    q, k, v = _small(L=40, S=56)
+    attn = variant(score_mod=scale_score(), mask_mod=causal_mod(), block_size=16)
+    _close(attn(q, k, v), _reference(q, k, v, attn.score_mod, attn.mask_mod))
+    assert attn.source("fwd") == inspect.getsource(attn.kernels(q.device)["fwd"])
+    bm = attn.block_mask(40, 56)
+    assert bm is attn.block_mask(40, 56) and str(bm).strip()
