@@ -348,3 +348,53 @@ def test_locations_recorded_beside_the_ir():
     add = m.ir.src[0] if m.ir.op is Op.CAST else m.ir
     loc = m.locs[add]
     assert loc.file == __file__ and "score + q_idx" in loc.text and loc.col >= 1
+
+
+def test_config_dicts_namespaces_dataclasses_and_modules_are_captured():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        window: int = 24
+
+    class Bias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(MAX_H, 2 * MAX_LEN))
+
+        def forward(self, score, b, h, q_idx, kv_idx):
+            return score + self.table[h, q_idx - kv_idx + MAX_LEN]
+
+    cfg_dict, ns, dc = {"sinks": 4}, types.SimpleNamespace(stride=3), Config()
+
+    def mask(b, h, q_idx, kv_idx):
+        local = q_idx - kv_idx < dc.window
+        extra = (kv_idx < cfg_dict["sinks"]) | (kv_idx % ns.stride == 0)
+        return (q_idx >= kv_idx) & (local | extra)
+
+    m = af.trace(mask, "mask")
+    assert [p.name for p in m.params] == ["window", "cfg_dict['sinks']", "stride"]
+    assert_matches_eager(m, mask, "mask")
+    dc.window = 50
+    assert m.param_values()[0] == 50
+    bias = Bias()
+    sm = as_mod(bias, "score")
+    assert [p.name for p in sm.params] == ["MAX_LEN", "table"]  # a global int is captured too
+    p = sm.params[1]
+    assert p.value is bias.table and p.kind == "tensor"
+    with torch.no_grad():
+        assert_matches_eager(sm, bias, "score")
+    wrapped = af.trace(lambda s, b, h, q, kv: bias(s, b, h, q, kv) * 2, "score")
+    assert wrapped.params[1].value is bias.table
+
+
+def test_a_mod_that_builds_masks_inside_itself():
+    window = 9
+
+    def mod(b, h, q_idx, kv_idx):
+        near = af.and_masks(lambda b, h, q, kv: q >= kv, lambda b, h, q, kv: q - kv < window)
+        return near(b, h, q_idx, kv_idx) | (kv_idx == 0)
+
+    m = af.trace(mod, "mask")
+    assert [(p.index, p.name) for p in m.params] == [(0, "window")]
+    assert_matches_eager(m, mod, "mask")

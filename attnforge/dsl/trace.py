@@ -25,6 +25,7 @@ Mistakes raise :class:`~attnforge.dsl.errors.DSLError` pointing at the user's li
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 import linecache
@@ -351,6 +352,13 @@ def _rebuildable(fn: types.FunctionType) -> bool:
         .startswith(os.path.dirname(torch.__file__))
 
 
+def _is_config_object(v) -> bool:
+    """Objects whose attributes are read like captured variables (``cfg.window``)."""
+    return isinstance(v, (types.SimpleNamespace, torch.nn.Module)) or (
+        dataclasses.is_dataclass(v) and not isinstance(v, type)
+    )
+
+
 def _global_names(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for c in code.co_consts:
@@ -414,12 +422,28 @@ class _Tracer:
             return TensorRef(_TensorSlot(src, value))
         if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
             return self._capture_sequence(value, src)
+        if isinstance(value, dict) and value:
+            return self._capture_dict(value, src)
+        if isinstance(value, (ScalarRef, TensorRef)):  # a proxy of an enclosing trace
+            return value
         if isinstance(value, (Mod, types.FunctionType, functools.partial, types.MethodType)):
             new = self.callable(value, src)
             if new is not value and src.getter is not None:
                 self.guards.append((src.getter, lambda v, old=value: v is old))
             return new
+        if _is_config_object(value):
+            return self.obj(value)
         return value
+
+    def _capture_dict(self, value: dict, src: Source):
+        items = {}
+        for k, v in value.items():
+            getter = (lambda g=src.getter, k=k: g()[k]) if src.getter is not None else None
+            items[k] = self.capture(v, Source(src.key + (("key", k),), f"{src.name}[{k!r}]",
+                                              getter))
+        if all(items[k] is v for k, v in value.items()):
+            return value
+        return items
 
     def _capture_sequence(self, value, src: Source):
         items = []
@@ -779,24 +803,21 @@ class ScalarRef(Proxy):
 
     @property
     def node(self) -> Node:
-        if self._node is None:
-            self._node = _tracer().param(self._src, self.value, "scalar")
-        return self._node
+        # not cached: the active tracer numbers it (a mod may build and trace another mod)
+        return _tracer().param(self._src, self.value, "scalar")
 
     def __repr__(self):
         return f"ScalarRef({self._src.name}={self.value!r})"
 
 
 class _TensorSlot:
-    __slots__ = ("src", "value", "node")
+    __slots__ = ("src", "value")
 
     def __init__(self, src: Source, value: torch.Tensor):
-        self.src, self.value, self.node = src, value, None
+        self.src, self.value = src, value
 
     def param(self) -> Node:
-        if self.node is None:
-            self.node = _tracer().param(self.src, self.value, "tensor")
-        return self.node
+        return _tracer().param(self.src, self.value, "tensor")
 
 
 class TensorRef(Proxy):
@@ -821,20 +842,19 @@ class TensorRef(Proxy):
 
     @property
     def node(self) -> Node:
-        if self._node is None:
-            if self._rank != 0:
-                raise error_here(
-                    f"captured tensor `{self._name}` (shape {list(self.slot.value.shape)}) is "
-                    f"used as a value with {len(self.prefix)} of its {self.slot.value.dim()} "
-                    "dims indexed",
-                    f"index every dim with a traced value or int, e.g. `{self._name}[h, q_idx]`",
-                )
-            t = self.slot.param()
-            n = _tracer().record(ir.node(Op.LOAD, t, *self.prefix))
-            if self.cast_to is not None and self.cast_to is not n.dtype:
-                n = _tracer().record(ir.node(Op.CAST, n, arg=self.cast_to))
-            self._node = n
-        return self._node
+        # rebuilt at each use, in the active tracer
+        if self._rank != 0:
+            raise error_here(
+                f"captured tensor `{self._name}` (shape {list(self.slot.value.shape)}) is "
+                f"used as a value with {len(self.prefix)} of its {self.slot.value.dim()} "
+                "dims indexed",
+                f"index every dim with a traced value or int, e.g. `{self._name}[h, q_idx]`",
+            )
+        t = self.slot.param()
+        n = _tracer().record(ir.node(Op.LOAD, t, *self.prefix))
+        if self.cast_to is not None and self.cast_to is not n.dtype:
+            n = _tracer().record(ir.node(Op.CAST, n, arg=self.cast_to))
+        return n
 
     def __repr__(self):
         return f"TensorRef({self._name}, indexed={len(self.prefix)})"
@@ -947,6 +967,10 @@ class _ObjectRef:
         value = getattr(obj, name)
         return tracer.capture(value, Source(("attr", id(obj), name), name,
                                             lambda o=obj, n=name: getattr(o, n)))
+
+    def __call__(self, *args):
+        obj = object.__getattribute__(self, "_af_obj")
+        return object.__getattribute__(self, "_af_tracer").callable(obj)(*args)
 
 
 class _InlinedMod:
