@@ -11,7 +11,8 @@ Shape legend used by every docstring::
     b, h, q_idx, kv_idx   the index arguments a mod receives (int)
     score                 the scaled logit q.k * scale (float)
 
-Quick example::
+Docstring examples assume ``import torch, attnforge as af`` and
+``from attnforge.library import *`` (a test runs every one of them). Quick example::
 
     import torch, attnforge as af
     from attnforge.library import generate_sliding_window, generate_tanh_softcap
@@ -38,6 +39,7 @@ __all__ = [
     "generate_dilated_sliding_window",
     "generate_chunked_mask",
     "generate_doc_mask",
+    "document_ids",
     "generate_prefix_lm_mask",
     "generate_alibi_bias",
     "alibi_slopes",
@@ -264,7 +266,8 @@ def generate_doc_mask(lengths=None, offsets=None, causal: bool = True, device=No
     Example::
 
         mask = generate_doc_mask(lengths=[100, 60, 96], device="cpu")     # T = 256
-        out = af.variant(mask_mod=mask)(q, k, v)        # q, k, v: (B, H, 256, E)
+        q = k = v = torch.randn(1, 2, 256, 32)          # (B, H, T, E)
+        out = af.variant(mask_mod=mask)(q, k, v)
 
     Returns a mask mod ``(b, h, q_idx, kv_idx) -> bool``.
     """
@@ -341,7 +344,9 @@ def generate_alibi_bias(
 
         alibi = generate_alibi_bias(8, learnable=True)
         attn = af.variant(score_mod=alibi, mask_mod=generate_causal_mask())
-        attn(q, k, v).sum().backward(); alibi.slopes.grad      # (8,)
+        q = k = v = torch.randn(1, 8, 128, 32)          # (B, H = num_heads, L, E)
+        attn(q, k, v).sum().backward()
+        alibi.slopes.grad                               # (8,)
 
     Returns a score mod ``(score, b, h, q_idx, kv_idx) -> float``.
     """
@@ -406,9 +411,11 @@ def generate_relative_bias(table: torch.Tensor):
 
     Example::
 
-        table = torch.zeros(4, 2 * 256 - 1, requires_grad=True)
+        table = torch.zeros(4, 2 * 256 - 1, requires_grad=True)   # max_len 256
         attn = af.variant(score_mod=generate_relative_bias(table))
-        attn(q, k, v).sum().backward(); table.grad.shape      # (4, 511)
+        q = k = v = torch.randn(1, 4, 128, 32)          # (B, H, L, E)
+        attn(q, k, v).sum().backward()
+        table.grad.shape                                # (4, 511)
 
     Returns a score mod ``(score, b, h, q_idx, kv_idx) -> float``.
     """
@@ -496,7 +503,8 @@ def generate_natten(kernel_size, canvas):
 
     Example::
 
-        mask = generate_natten(kernel_size=7, canvas=(32, 32))      # L = S = 1024
+        mask = generate_natten(kernel_size=5, canvas=(16, 16))      # L = S = 256
+        q = k = v = torch.randn(1, 2, 256, 32)          # (B, H, 16 * 16, E)
         out = af.variant(mask_mod=mask)(q, k, v)
 
     Returns a mask mod ``(b, h, q_idx, kv_idx) -> bool``.
