@@ -398,3 +398,27 @@ def test_a_mod_that_builds_masks_inside_itself():
     m = af.trace(mod, "mask")
     assert [(p.index, p.name) for p in m.params] == [(0, "window")]
     assert_matches_eager(m, mod, "mask")
+
+
+def test_constant_and_mixed_indices():
+    table = torch.arange(5 * 7).view(5, 7)
+
+    def mod(b, h, q_idx, kv_idx):
+        return table[2, q_idx % 7] + table[-1][0] > table[h, torch.tensor(3)] + kv_idx
+
+    m = af.trace(mod, "mask")
+    assert_matches_eager(m, mod, "mask")
+    loads = [n for n in m.ir.walk() if n.op is Op.LOAD]
+    assert any(ir.const(-1) in n.src for n in loads)
+
+
+def test_decorating_before_a_global_exists_defers_the_trace(monkeypatch):
+    monkeypatch.delitem(globals(), "LATE_TABLE", raising=False)
+
+    @af.mask_mod
+    def late(b, h, q_idx, kv_idx):
+        return LATE_TABLE[kv_idx] > 0  # noqa: F821 - defined below, as in a module
+
+    monkeypatch.setitem(globals(), "LATE_TABLE", torch.arange(MAX_LEN) % 2)
+    assert [p.name for p in late.params] == ["LATE_TABLE"]
+    assert_matches_eager(late, late, "mask")
