@@ -242,8 +242,8 @@ def result_dtype(op: Op, src: tuple[Node, ...], arg: Any = None) -> DType:
     if op in (Op.FLOOR, Op.CEIL):
         return src[0].dtype
     d = promote(*(s.dtype for s in src))
-    if op in ARITH | INTDIV | {Op.ABS} and d is DType.BOOL:
-        return DType.INT  # True + True == 2, as in torch
+    if op in (ARITH - {Op.ADD, Op.MUL}) | INTDIV | {Op.ABS} and d is DType.BOOL:
+        return DType.INT  # torch keeps bool for + and * (logical), other ops go through ints
     return d
 
 
@@ -326,7 +326,8 @@ def pretty(*roots: Node, names: dict[Node, str] | None = None) -> str:
             rhs = f"scalar[{n.arg[0]}]" + (f"  # {label}" if label else "")
         elif n.op is Op.TENSOR:
             label = names.get(n) if names else None
-            rhs = f"tensor[{n.arg[0]}] ndim={n.arg[1]} {n.arg[2]}" + (f"  # {label}" if label else "")
+            rhs = f"tensor[{n.arg[0]}] ndim={n.arg[1]} {n.arg[2]}"
+            rhs += f"  # {label}" if label else ""
         else:
             rhs = n.op.value + " " + ", ".join(ref(s) for s in n.src)
             if n.op is Op.CAST:

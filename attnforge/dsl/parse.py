@@ -752,7 +752,7 @@ class _Evaluator:
         if _is_number(a) and not _is_number(b) and op in _SWAPPED:
             # `0 <= d`: int.__le__ gives up and Python calls d.__ge__(0)
             op, a, b = _SWAPPED[op], b, a
-        return self._apply(op, fold, [a, b], tree, right_first=True)
+        return self._apply(op, fold, [a, b], tree, right_first=False)
 
     def _apply(self, op: Op, fold: Callable, args: list, tree, arg=None, right_first=False):
         if all(_is_number(v) for v in args):
