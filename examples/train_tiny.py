@@ -47,14 +47,14 @@ def teacher_table(H: int, S: int) -> torch.Tensor:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=0.3)
+    ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--check", action="store_true", help="exit 1 unless the loss went down")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
     B, H, S, D = 2, 2, 32, 16
     q, k, v = (torch.randn(B, H, S, D, device=DEVICE) for _ in range(3))
-    block_mask = af.create_block_mask(causal, None, None, S, S, device=DEVICE, BLOCK_SIZE=16)
+    block_mask = af.create_block_mask(causal, None, None, S, S, device=DEVICE, BLOCK_SIZE=32)
 
     with torch.no_grad():
         target = af.flex_attention(

@@ -30,7 +30,7 @@ from functools import cached_property
 from typing import Any
 
 from ..dsl.ir import Node, Op, params_of, pretty
-from . import emit, passes
+from . import emit, grad, passes
 from .render import ParamSlot
 
 __all__ = ["Lowered", "lower", "ABI_VERSION", "EMITTERS"]
@@ -65,12 +65,13 @@ class Lowered:
         return {
             "abi": ABI_VERSION,
             "key": self.key,
-            "kernels": {"fwd": "_attn_fwd"},
+            "kernels": {"fwd": "_attn_fwd", "bwd": list(grad.BWD_KERNELS)},
             "has_score_mod": self.score is not None,
             "has_mask_mod": self.mask is not None,
             "mask_data_dependent": self.mask_data is not None,
             "lse": "natural log, fp32 [Z, H, Q_LEN] contiguous; -inf for rows with no key",
             "params": [s.as_json() for s in self.slots],
+            "grads": [g.as_json() for g in grad.grad_slots(self.score, self.score_slots)],
             **self.extra,
         }
 
@@ -96,8 +97,8 @@ def _emit_fwd(low: Lowered) -> str:
     return emit.emit_fwd(low.key, low.score, low.mask, low.score_slots, low.mask_slots)
 
 
-# file name -> source builder; the backward adds "bwd.py" here.
-EMITTERS: dict[str, Callable[[Lowered], str]] = {"fwd.py": _emit_fwd}
+# file name -> source builder
+EMITTERS: dict[str, Callable[[Lowered], str]] = {"fwd.py": _emit_fwd, "bwd.py": grad.emit_bwd}
 
 
 def _slots(root: Node | None, mod: str, first: int) -> tuple[ParamSlot, ...]:

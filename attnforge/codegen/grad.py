@@ -292,3 +292,190 @@ def differentiate(root: Node) -> ScoreGrad:
 def float_loads(root: Node) -> list[Node]:
     """Distinct reads of captured float tensors in ``root``, in topological order."""
     return [n for n in root.walk() if n.op is Op.LOAD and n.src[0].dtype is DType.FLOAT]
+
+
+# -- the backward kernel module (templates/bwd.py.tmpl) -------------------------------------------
+#
+# Holes: ``key``, ``prelude`` (the forward template's imports and math helpers, shared so the two
+# modules cannot drift), ``mods`` (score_mod / mask_mod exactly as in the forward), ``grads``
+# (``score_mod_grad`` and ``captured_grads``), ``param_args`` / ``score_params`` /
+# ``mask_params`` (as in the forward), ``grad_args`` / ``grad_params`` (the gradient buffers).
+
+_PRELUDE_START = "import os"
+_PRELUDE_END = "# -- generated"
+
+
+@dataclass(frozen=True)
+class GradSlot:
+    """The fp32 gradient buffer of a captured float tensor read by the score mod.
+
+    ``bit`` is its bit in the kernels' ``TENSOR_GRADS`` constexpr (set when the tensor
+    requires grad); its sizes are those of ``T<slot>``, its strides its own.
+    """
+
+    slot: int
+    index: int  # parameter index in the score mod
+    ndim: int
+    bit: int
+
+    @property
+    def name(self) -> str:
+        return f"DT{self.slot}"
+
+    def stride(self, d: int) -> str:
+        return f"stride_dt{self.slot}_{d}"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return (self.name, *(self.stride(d) for d in range(self.ndim)))
+
+    def as_json(self) -> dict:
+        return {"slot": self.slot, "index": self.index, "bit": self.bit, "args": list(self.args)}
+
+
+_GRADS: dict[int, tuple[Node, ScoreGrad]] = {}
+
+
+def score_grad(score: Node) -> ScoreGrad:
+    """``differentiate(score)``, memoised per (interned) IR root."""
+    hit = _GRADS.get(id(score))
+    if hit is None or hit[0] is not score:
+        hit = _GRADS[id(score)] = (score, differentiate(score))
+    return hit[1]
+
+
+def grad_slots(score: Node | None, score_slots) -> tuple[GradSlot, ...]:
+    """The gradient buffers of a lowered variant, in kernel-slot order."""
+    if score is None:
+        return ()
+    wanted = set(score_grad(score).tensor_indices())
+    tensors = [s for s in score_slots if s.kind == "tensor" and s.index in wanted]
+    return tuple(GradSlot(s.slot, s.index, s.ndim, bit) for bit, s in enumerate(tensors))
+
+
+def _prelude() -> str:
+    from .emit import template
+
+    text = template("fwd.py.tmpl")
+    start, end = text.find(_PRELUDE_START), text.find(_PRELUDE_END)
+    if start < 0 or end < start:
+        raise AssertionError(
+            "bwd.py: cannot find the shared prelude in templates/fwd.py.tmpl (between "
+            f"{_PRELUDE_START!r} and {_PRELUDE_END!r}); keep those markers or move the prelude "
+            "to its own template and update attnforge.codegen.grad._prelude"
+        )
+    return text[start:end].rstrip() + "\n"
+
+
+def _depends(roots, ops) -> bool:
+    return any(n.op in ops for n in toposort(list(roots)))
+
+
+def _jit_def(name: str, args: list[str], body: list[str]) -> str:
+    # @_device_fn (template prelude): triton.jit when compiled, plain Python when interpreted
+    head = f"def {name}({', '.join(args)}):"
+    if len(head) > 100:
+        head = f"def {name}(\n" + "".join(f"    {a},\n" for a in args) + "):"
+    return "@_device_fn\n" + head + "\n" + "\n".join("    " + ln for ln in body) + "\n"
+
+
+def _scatter_lines(load: Node, d_expr: str, idx_exprs: list[str], gs: GradSlot) -> list[str]:
+    """``DT[idx] += dt * d`` for one read, summed over the tile axes its index ignores."""
+    from ..dsl.ir import Op as _Op
+    from .passes import is_nonnegative, literal
+
+    size = lambda d: f"T{gs.slot}_size{d}"  # noqa: E731
+    offs, conds, pre = [], [], []
+    for d, (i, x) in enumerate(zip(load.src[1:], idx_exprs)):
+        if i.op is _Op.CONST:
+            x = literal(i.arg) if i.arg >= 0 else f"({size(d)} - {-i.arg})"
+            conds += [f"{x} < {size(d)}"] if i.arg >= 0 else [f"{x} >= 0"]
+        elif is_nonnegative(i):
+            conds.append(f"{x} < {size(d)}")
+        else:
+            w = f"i{gs.slot}_{d}_{len(pre)}"
+            pre.append(f"{w} = tl.where({x} < 0, {x} + {size(d)}, {x})")  # torch: t[-1] wraps
+            x = w
+            conds += [f"{w} >= 0", f"{w} < {size(d)}"]
+        offs.append(f"{x} * {gs.stride(d)}")
+    g = "dt" if d_expr == "1.0" else f"tl.where(dt == 0.0, 0.0, dt * {d_expr})"
+    rows = _depends(load.src[1:], {_Op.Q_IDX, _Op.SCORE})
+    cols = _depends(load.src[1:], {_Op.KV_IDX, _Op.SCORE})
+    if rows and cols:
+        conds.append("g != 0.0")  # skip the traffic of masked / zero entries
+    else:
+        g_red = {(True, False): "tl.sum(g, 1)[:, None]", (False, True): "tl.sum(g, 0)[None, :]"}
+        pre_red = g_red.get((rows, cols), "tl.sum(tl.sum(g, 1), 0)")
+    ptr = " + ".join([gs.name, *offs])
+    mask = " & ".join(f"({c})" for c in conds)
+    lines = [*pre, f"g = {g}"]
+    if not (rows and cols):
+        lines.append(f"g = {pre_red}")
+    lines.append(f"tl.atomic_add({ptr}, g, mask={mask})" if mask else f"tl.atomic_add({ptr}, g)")
+    return lines
+
+
+def _captured_grads_fn(sg: ScoreGrad | None, score_slots, gslots) -> str:
+    from .render import render_body
+
+    by_index = {s.index: s for s in score_slots}
+    gs_of = {g.index: g for g in gslots}
+    args = ["dt", "score", "b", "h", "q_idx", "kv_idx"]
+    args += [a for s in score_slots for a in s.args] + [a for g in gslots for a in g.args]
+    args.append("TENSOR_GRADS: tl.constexpr")
+    reads = [] if sg is None else [(ld, d) for ld, d in sg.d_loads if ld.src[0].arg[0] in gs_of]
+    if not reads:
+        return _jit_def(
+            "captured_grads", args, ["# no captured float tensor: never called", "return"]
+        )
+    roots = [d for _, d in reads] + [i for ld, _ in reads for i in ld.src[1:]]
+    lines, exprs = render_body(roots, by_index)
+    d_exprs, idx_exprs = exprs[: len(reads)], iter(exprs[len(reads) :])
+    body = list(lines)
+    for (ld, _), d_expr in zip(reads, d_exprs):
+        gs = gs_of[ld.src[0].arg[0]]
+        idx = [next(idx_exprs) for _ in ld.src[1:]]
+        body.append(f"if TENSOR_GRADS & {1 << gs.bit}:  # d/d {gs.name.removeprefix('D')}[...]")
+        body += ["    " + s for s in _scatter_lines(ld, d_expr, idx, gs)]
+    return _jit_def("captured_grads", args, body)
+
+
+def grad_functions(score: Node | None, score_slots, gslots) -> str:
+    """The generated derivative section of bwd.py: flags, score_mod_grad, captured_grads."""
+    from .render import render_body
+
+    sg = score_grad(score) if score is not None else None
+    has_score_grad = sg is not None and sg.d_score is not const(1.0)
+    flags = f"HAS_SCORE_GRAD = tl.constexpr({has_score_grad})  # False: dT/dscore == 1"
+    score_args = ["score", "b", "h", "q_idx", "kv_idx"] + [a for s in score_slots for a in s.args]
+    if has_score_grad:
+        lines, (expr,) = render_body([sg.d_score], {s.index: s for s in score_slots})
+        d_fn = _jit_def("score_mod_grad", score_args, [*lines, f"return {expr}"])
+    else:
+        d_fn = _jit_def(
+            "score_mod_grad", score_args, ["# never called (dT/dscore == 1)", "return 1.0"]
+        )
+    parts = (flags, d_fn, _captured_grads_fn(sg, score_slots, gslots))
+    return "\n\n\n".join(p.rstrip("\n") for p in parts)
+
+
+def emit_bwd(low) -> str:
+    """The backward kernel module source for a :class:`attnforge.codegen.Lowered`."""
+    from .emit import call_params, fill, mod_functions, param_arg_lines, template
+
+    gslots = grad_slots(low.score, low.score_slots)
+    holes = {
+        "key": low.key,
+        "prelude": _prelude(),
+        "mods": mod_functions(low.score, low.mask, low.score_slots, low.mask_slots),
+        "grads": grad_functions(low.score, low.score_slots, gslots),
+        "param_args": param_arg_lines(low.slots),
+        "score_params": call_params(low.score_slots),
+        "mask_params": call_params(low.mask_slots),
+        "grad_args": param_arg_lines(gslots),
+        "grad_params": call_params(gslots),
+    }
+    return fill(template("bwd.py.tmpl"), holes, "bwd.py.tmpl")
+
+
+BWD_KERNELS = ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")

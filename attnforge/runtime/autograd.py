@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import KernelCall, launch_fwd
+from .launch import KernelCall, launch_bwd, launch_fwd
 
 __all__ = ["FlexAttentionFunction", "attention"]
 
@@ -30,9 +30,25 @@ class FlexAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        raise NotImplementedError(
-            "attnforge: backward kernels are not available yet (issue 6); call flex_attention "
-            "under torch.no_grad() or with inputs that do not require grad"
+        if torch.is_grad_enabled():  # create_graph=True: the engine records this backward
+            raise RuntimeError(
+                "attnforge.flex_attention does not support double backward: its backward "
+                "kernels are not differentiable. Compute first-order gradients without "
+                "create_graph=True (or detach the attention output from the second-order path)"
+            )
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        call = ctx.call
+        # lse is an output only with return_lse=True; its gradient shifts delta (see bwd.py)
+        d_lse = d_lse if call.return_lse else None
+        needs = list(ctx.needs_input_grad[4:])
+        dq, dk, dv, grads = launch_bwd(call, q, k, v, out, lse, d_out, d_lse, tensors, needs)
+        wanted = ctx.needs_input_grad
+        return (
+            dq if wanted[0] else None,
+            dk if wanted[1] else None,
+            dv if wanted[2] else None,
+            None,  # call
+            *grads,
         )
 
 

@@ -24,6 +24,9 @@ __all__ = [
     "choose_fwd_config",
     "param_values",
     "launch_fwd",
+    "BwdConfig",
+    "choose_bwd_config",
+    "launch_bwd",
 ]
 
 # kernel_options keys attnforge honours -> what they set
@@ -32,6 +35,10 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N": "forward key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "num_warps": "forward warps per program",
     "num_stages": "forward software-pipelining stages",
+    "BLOCK_M1": "backward dK/dV query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
+    "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
+    "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
+    "BLOCK_N2": "backward dQ key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
 }
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
@@ -251,3 +258,153 @@ def launch_fwd(
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# -- backward ------------------------------------------------------------------------------------
+# Argument order: the Kernel ABI in ``codegen/templates/bwd.py.tmpl`` (its header documents the
+# three kernels).  Captured-tensor gradients are fp32 buffers filled with atomics, then cast.
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    BLOCK_M1: int  # dK/dV kernel: query rows per inner step
+    BLOCK_N1: int  # dK/dV kernel: keys per program
+    BLOCK_M2: int  # dQ kernel: query rows per program (also the preprocess tile)
+    BLOCK_N2: int  # dQ kernel: keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) -> BwdConfig:
+    if device.type != "cuda":
+        return BwdConfig(64, 64, 64, 64, 4, 1)  # interpreter: few, large tiles
+    if dtype == torch.float32:
+        return BwdConfig(32, 64, 64, 32, 4, 1)
+    if head_dim_pad <= 64:
+        return BwdConfig(32, 128, 128, 32, 4, 3)
+    return BwdConfig(32, 128, 128, 32, 8, 2)
+
+
+def choose_bwd_config(
+    q: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], options: dict
+) -> BwdConfig:
+    """Backward tiles for the device/dtype/head dim, overridden by ``kernel_options``
+    (``BLOCK_M1 BLOCK_N1 BLOCK_M2 BLOCK_N2 num_warps num_stages``); tiles divide the block
+    mask's (Q_BLOCK, KV_BLOCK)."""
+    d_pad = max(head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
+    base = _default_bwd(q.device, q.dtype, d_pad)
+    which = {"M": (block_size[0], "Q_BLOCK (BLOCK_SIZE[0])"),
+             "N": (block_size[1], "KV_BLOCK (BLOCK_SIZE[1])")}  # fmt: skip
+
+    def tile(name: str) -> int:
+        block, what = which[name[-2]]
+        return _tile(name, options.get(name, getattr(base, name)), block, what, name in options)
+
+    return BwdConfig(
+        *(tile(n) for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")),
+        num_warps=options.get("num_warps", base.num_warps),
+        num_stages=options.get("num_stages", base.num_stages),
+    )
+
+
+def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) -> tuple:
+    """fp32 buffers for the captured tensors whose grad is wanted, the kernel arguments for
+    every gradient slot (a 1-element dummy where not wanted) and the ``TENSOR_GRADS`` bits."""
+    from ..codegen.grad import grad_slots
+
+    low = call.lowered
+    position = {s.slot: i for i, s in enumerate(s for s in low.slots if s.kind == "tensor")}
+    buffers: dict[int, torch.Tensor] = {}
+    args: list = []
+    bits = 0
+    for gs in grad_slots(low.score, low.score_slots):
+        i = position[gs.slot]
+        if needs[i]:
+            buffers[i] = torch.zeros(tensors[i].shape, dtype=torch.float32, device=device)
+            args += [buffers[i], *buffers[i].stride()]
+            bits |= 1 << gs.bit
+        else:
+            args += [torch.empty(1, dtype=torch.float32, device=device), *([0] * gs.ndim)]
+    return buffers, args, bits
+
+
+def _q_lists(bm) -> tuple:
+    num, idx = bm.q_num_blocks, bm.q_indices
+    fnum, fidx = bm.full_q_num_blocks, bm.full_q_indices
+    if fnum is None:
+        return num, idx, num, idx, False  # dummies: the FULL loop is compiled out
+    return num, idx, fnum, fidx, True
+
+
+def launch_bwd(
+    call: KernelCall,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    d_out: torch.Tensor, d_lse: torch.Tensor | None,
+    tensors: list, needs: list[bool],
+) -> tuple:  # fmt: skip
+    """Run the backward kernels: ``(dq, dk, dv, grads)``, ``grads[i]`` the gradient of
+    ``tensors[i]`` (in its dtype) or None where ``needs[i]`` is False or it has none."""
+    B, Hq, L, E = q.shape
+    Bkv, Hkv, S, Ev = v.shape
+    dev = q.device
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    buffers, grad_args, bits = _grad_buffers(call, tensors, needs, dev)
+    if L == 0 or S == 0 or B * Hq == 0:
+        return dq.zero_(), dk, dv, _cast_grads(buffers, tensors)
+    cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options)
+    bm, mod = call.block_mask, call.modules["bwd"]
+    q_block, kv_block = bm.BLOCK_SIZE
+    params = _param_args(call.lowered, call.scalars, tensors)
+    consts = dict(
+        HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
+        SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
+        EVEN_Q=L % q_block == 0, EVEN_KV=S % kv_block == 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    kz = 0 if Bkv == 1 else k.stride(0)
+    vz = 0 if Bkv == 1 else v.stride(0)
+    # -- delta = rowsum(dO * O) - dLSE --
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    has_dlse = d_lse is not None
+    dl = d_lse if has_dlse else lse
+    mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](
+        out, d_out, dl, delta, *out.stride(), *d_out.stride(),
+        *(dl.stride() if has_dlse else (0, 0, 0)), Hq, L,
+        HEAD_DIM_V=Ev, HEAD_DIM_V_PAD=head_dim_pad(Ev), BLOCK_M=cfg.BLOCK_M2, HAS_DLSE=has_dlse,
+    )  # fmt: skip
+    # -- dK, dV over the transposed lists (k/v broadcast over the batch: loop inside) --
+    qn, qi, fqn, fqi, has_full_q = _q_lists(bm)
+    z_per_kv = B if Bkv == 1 else 1
+    mod._attn_bwd_dkdv[(triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv)](
+        q, k, v, d_out, dk, dv, lse, delta,
+        qn, qi, fqn, fqi,
+        *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(),
+        *dk.stride(), *dv.stride(),
+        *_bm_strides(qn), *_bm_strides(qi), *_bm_strides(fqn), *_bm_strides(fqi),
+        Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
+        *params,
+        BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q, **consts,
+    )  # fmt: skip
+    # -- dQ and captured-tensor gradients over the forward lists --
+    num, idx = bm.kv_num_blocks, bm.kv_indices
+    fnum, fidx = bm.full_kv_num_blocks, bm.full_kv_indices
+    has_full = fnum is not None
+    if not has_full:
+        fnum, fidx = num, idx
+    mod._attn_bwd_dq[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](
+        q, k, v, d_out, dq, lse, delta,
+        num, idx, fnum, fidx,
+        *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(), *dq.stride(),
+        *_bm_strides(num), *_bm_strides(idx), *_bm_strides(fnum), *_bm_strides(fidx),
+        Hq, call.gqa_group, L, S, call.scale,
+        *params, *grad_args,
+        BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
+        TENSOR_GRADS=bits, **consts,
+    )  # fmt: skip
+    return dq, dk, dv, _cast_grads(buffers, tensors)
+
+
+def _cast_grads(buffers: dict[int, torch.Tensor], tensors: list) -> list:
+    return [buffers[i].to(t.dtype) if i in buffers else None for i, t in enumerate(tensors)]

@@ -1,0 +1,416 @@
+"""Backward kernels: dq, dk, dv, dlse and captured-tensor grads against the float64 reference.
+
+Every case runs attnforge's generated kernels (the Triton interpreter on CPU) and compares with
+torch autograd through ``reference_attention`` in float64 on the same inputs.  A case is a
+variant (score mod and/or mask mod, some reading learnable tensors) on a shape.  The learnable
+tensors are made twice by the variant's factory: float32 leaves for the kernel, float64 copies
+for the reference, so the same closure code runs on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnforge as af
+from attnforge.runtime.reference import reference_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- variants -------------------------------------------------------------------------------------
+# ``tensors(B, H, L, S)`` makes the captured tensors (float ones are learnable); ``score`` and
+# ``mask`` are factories taking that dict and returning FlexAttention-style functions.
+
+
+@dataclass
+class Variant:
+    name: str
+    score: object = None  # (tensors) -> score_mod
+    mask: object = None  # (tensors) -> mask_mod
+    tensors: object = field(default=lambda B, H, L, S: {})
+
+
+def _rel_table(B, H, L, S):
+    return {"table": 0.5 * torch.randn(H, L + S)}
+
+
+def _doc(B, H, L, S):
+    n = max(L, S)
+    return {"doc": (torch.arange(n) * 3 // max(n, 1)).long()}
+
+
+def _wrap(name):
+    return lambda t: lambda s, b, h, q, kv: s + t[name][h, q - kv]
+
+
+VARIANTS = [
+    Variant("noop"),
+    Variant("causal", mask=lambda t: lambda b, h, q, kv: q >= kv),
+    Variant("causal_offset_masked_rows", mask=lambda t: lambda b, h, q, kv: q >= kv + 3),
+    Variant("sliding_window", mask=lambda t: lambda b, h, q, kv: (q - kv).abs() <= 8),
+    Variant("prefix_lm", mask=lambda t: lambda b, h, q, kv: (kv <= 5) | (q >= kv)),
+    Variant(
+        "document",
+        mask=lambda t: lambda b, h, q, kv: t["doc"][q] == t["doc"][kv],
+        tensors=_doc,
+    ),
+    Variant("softcap", score=lambda t: lambda s, b, h, q, kv: 2.0 * torch.tanh(s / 2.0)),
+    Variant(
+        "softcap_causal",
+        score=lambda t: lambda s, b, h, q, kv: 2.0 * torch.tanh(s / 2.0),
+        mask=lambda t: lambda b, h, q, kv: q >= kv,
+    ),
+    Variant(
+        "alibi_fixed",
+        score=lambda t: lambda s, b, h, q, kv: s + t["slopes_int"][h] * 0.25 * (kv - q),
+        tensors=lambda B, H, L, S: {"slopes_int": torch.arange(1, H + 1)},
+    ),
+    Variant(
+        "alibi_learnable",
+        score=lambda t: lambda s, b, h, q, kv: s + t["slopes"][h] * (kv - q),
+        mask=lambda t: lambda b, h, q, kv: q >= kv,
+        tensors=lambda B, H, L, S: {"slopes": 0.1 * torch.rand(H)},
+    ),
+    Variant("rel_bias", score=_wrap("table"), tensors=_rel_table),
+    Variant(
+        "rel_bias_causal",
+        score=_wrap("table"),
+        mask=lambda t: lambda b, h, q, kv: q >= kv,
+        tensors=_rel_table,
+    ),
+    Variant(
+        "graphormer",
+        score=lambda t: lambda s, b, h, q, kv: s + t["spatial"][h, t["dist"][b, q, kv]],
+        tensors=lambda B, H, L, S: {
+            "spatial": torch.randn(H, 6),
+            "dist": torch.randint(0, 6, (B, L, S)),
+        },
+    ),
+    Variant(
+        "three_tensors",
+        score=lambda t: (
+            lambda s, b, h, q, kv: s + t["bias1"][h, q - kv] + t["bias2"][b, q] * t["scale"][h]
+        ),
+        tensors=lambda B, H, L, S: {
+            "bias1": torch.randn(H, L + S),
+            "bias2": torch.randn(B, L),
+            "scale": torch.randn(H),
+        },
+    ),
+    Variant(
+        "gate_and_key_bias",
+        score=lambda t: lambda s, b, h, q, kv: s * t["gate"][h] + t["kbias"][kv],
+        tensors=lambda B, H, L, S: {"gate": 1 + 0.3 * torch.randn(H), "kbias": torch.randn(S)},
+    ),
+    Variant(
+        "batch_key_bias",
+        score=lambda t: lambda s, b, h, q, kv: s + t["kb"][b, kv],
+        tensors=lambda B, H, L, S: {"kb": torch.randn(B, S)},
+    ),
+    Variant(
+        "same_tensor_two_reads",
+        score=lambda t: lambda s, b, h, q, kv: s + t["pos"][q] - 0.5 * t["pos"][kv],
+        tensors=lambda B, H, L, S: {"pos": torch.randn(max(L, S))},
+    ),
+    Variant(
+        "leaky",
+        score=lambda t: lambda s, b, h, q, kv: torch.where(s > 0, s, 0.1 * s),
+    ),
+    Variant("silu", score=lambda t: lambda s, b, h, q, kv: s * torch.sigmoid(s)),
+    Variant(
+        "mask_in_score",
+        score=lambda t: lambda s, b, h, q, kv: torch.where(q >= kv, s, -float("inf")),
+    ),
+    Variant(
+        "mask_in_score_bias",
+        score=lambda t: (
+            lambda s, b, h, q, kv: torch.where(
+                q >= kv + 2, s + t["table"][h, q - kv], -float("inf")
+            )
+        ),
+        tensors=_rel_table,
+    ),
+    Variant("head_scale", score=lambda t: lambda s, b, h, q, kv: s * (h + 1) * 0.5),
+    Variant(
+        "key_lengths",
+        mask=lambda t: lambda b, h, q, kv: kv < t["lens"][b],
+        tensors=lambda B, H, L, S: {"lens": torch.tensor([0] + [S // 2 + 1] * (B - 1))},
+    ),
+    Variant("dead_head", mask=lambda t: lambda b, h, q, kv: (h > 0) & (q >= kv)),
+    Variant(
+        "exp2_decay",
+        score=lambda t: lambda s, b, h, q, kv: s + torch.exp2(-(q - kv).abs() * 0.1),
+    ),
+    Variant(
+        "log_distance",
+        score=lambda t: lambda s, b, h, q, kv: s - torch.log(1.0 + (q - kv).abs()),
+    ),
+    Variant(
+        "clip",
+        score=lambda t: (
+            lambda s, b, h, q, kv: torch.where(s > 1.0, 1.0, torch.where(s < -1.0, -1.0, s))
+        ),
+    ),
+    Variant("chunked", mask=lambda t: lambda b, h, q, kv: q // 8 == kv // 8),
+    Variant(
+        "sinks_window",
+        mask=lambda t: lambda b, h, q, kv: (kv < 2) | ((q >= kv) & (q - kv < 6)),
+    ),
+    Variant(
+        "learnable_cap",
+        score=lambda t: lambda s, b, h, q, kv: t["cap"][h] * torch.tanh(s / t["cap"][h]),
+        tensors=lambda B, H, L, S: {"cap": 1.0 + torch.rand(H)},
+    ),
+    Variant(
+        "temperature",
+        score=lambda t: lambda s, b, h, q, kv: s * t["temp"][h],
+        mask=lambda t: lambda b, h, q, kv: (q - kv).abs() <= 10,
+        tensors=lambda B, H, L, S: {"temp": 1.0 + 0.5 * torch.rand(H)},
+    ),
+    Variant(
+        "doc_with_bias",
+        score=lambda t: lambda s, b, h, q, kv: s + t["kb"][b, kv],
+        mask=lambda t: lambda b, h, q, kv: t["doc"][q] == t["doc"][kv],
+        tensors=lambda B, H, L, S: {**_doc(B, H, L, S), "kb": torch.randn(B, S)},
+    ),
+]
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+# -- the check -----------------------------------------------------------------------------------
+
+# max |kernel - reference| <= TOL * (1 + max |reference|), per dtype: fp32 accumulates in fp32
+# (tf32 is off for fp32 inputs); bf16/fp16 round P and dS to the input dtype before each dot.
+TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class Shape:
+    B: int = 2
+    Hq: int = 2
+    Hkv: int = 2
+    L: int = 37
+    S: int = 45
+    E: int = 16
+    Ev: int = 16
+    Bkv: int | None = None
+    block: tuple = (16, 16)
+
+
+def _inputs(shape: Shape, dtype, transposed: bool, device):
+    B, Bkv = shape.B, shape.Bkv or shape.B
+    q = torch.randn(B, shape.Hq, shape.L, shape.E, dtype=torch.float64, device=device)
+    k = torch.randn(Bkv, shape.Hkv, shape.S, shape.E, dtype=torch.float64, device=device)
+    v = torch.randn(Bkv, shape.Hkv, shape.S, shape.Ev, dtype=torch.float64, device=device)
+    # round to the kernel dtype first so both sides see the same values
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    kernel = [t.to(dtype) for t in (q, k, v)]
+    if transposed:  # non-contiguous views: (B, L, H, E) storage seen as (B, H, L, E)
+        kernel = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in kernel]
+    kernel = [t.requires_grad_(True) for t in kernel]
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    return kernel, ref
+
+
+def _tensors(variant: Variant, shape: Shape, device):
+    made = variant.tensors(shape.B, shape.Hq, shape.L, shape.S)
+    made = {n: t.to(device) for n, t in made.items()}
+    mine = {
+        n: (t.float().requires_grad_(True) if t.is_floating_point() else t) for n, t in made.items()
+    }
+    ref = {
+        n: (t.double().requires_grad_(True) if t.is_floating_point() else t)
+        for n, t in made.items()
+    }
+    return mine, ref
+
+
+def _loss(out, lse, g_out, g_lse):
+    loss = (out.double() * g_out).sum()
+    if lse is not None:
+        loss = loss + torch.where(torch.isfinite(lse), lse.double() * g_lse, 0.0).sum()
+    return loss
+
+
+def run_case(
+    variant: Variant, shape: Shape, dtype=torch.float32, return_lse=False, device="cpu", **kw
+):
+    (q, k, v), (rq, rk, rv) = _inputs(shape, dtype, kw.pop("transposed", False), device)
+    mine, ref = _tensors(variant, shape, device)
+    gqa = shape.Hq != shape.Hkv
+    mask = variant.mask(mine) if variant.mask else None
+    block_mask = None
+    if mask is not None:
+        block_mask = af.create_block_mask(
+            mask, shape.B, shape.Hq, shape.L, shape.S, device=device, BLOCK_SIZE=shape.block
+        )
+    res = af.flex_attention(
+        q, k, v,
+        score_mod=variant.score(mine) if variant.score else None,
+        block_mask=block_mask, enable_gqa=gqa, return_lse=return_lse, **kw,
+    )  # fmt: skip
+    out, lse = res if return_lse else (res, None)
+    want = reference_attention(
+        rq, rk, rv,
+        score_mod=variant.score(ref) if variant.score else None,
+        mask_mod=variant.mask(ref) if variant.mask else None,
+        enable_gqa=gqa, return_lse=True, scale=kw.get("scale"),
+    )  # fmt: skip
+    g_out = torch.randn_like(want[0])
+    g_lse = torch.randn_like(want[1]) if return_lse else None
+    learn = [n for n, t in mine.items() if t.is_floating_point()]
+    got = torch.autograd.grad(_loss(out, lse, g_out, g_lse), [q, k, v] + [mine[n] for n in learn])
+    exp = torch.autograd.grad(
+        _loss(want[0], want[1] if return_lse else None, g_out, g_lse),
+        [rq, rk, rv] + [ref[n] for n in learn],
+        allow_unused=True,
+    )
+    tol = TOL[dtype]
+    for name, a, b in zip(["dq", "dk", "dv"] + learn, got, exp):
+        b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+        assert torch.isfinite(a).all(), f"{variant.name}: {name} has NaN/inf"
+        err = (a.double() - b).abs().max().item()
+        bound = tol * (1.0 + b.abs().max().item())
+        assert err <= bound, f"{variant.name} {name}: max err {err:.3g} > {bound:.3g}"
+    return got
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_variant_grads(name):
+    run_case(BY_NAME[name], Shape())
+
+
+LSE_CASES = ["noop", "causal_offset_masked_rows", "rel_bias_causal", "three_tensors", "key_lengths"]
+
+
+@pytest.mark.parametrize("name", LSE_CASES)
+def test_lse_grad(name):
+    run_case(BY_NAME[name], Shape(), return_lse=True)
+
+
+SHAPES = {
+    "gqa_2to1": Shape(Hq=4, Hkv=2),
+    "gqa_4to1_d40": Shape(Hq=4, Hkv=1, E=40, Ev=40),
+    "ev_ne_e": Shape(E=24, Ev=40, L=20, S=33),
+    "l1": Shape(L=1, S=17),
+    "s1": Shape(L=17, S=1),
+    "odd_blocks": Shape(L=17, S=50, block=(32, 16)),
+    "bkv_broadcast": Shape(B=3, Bkv=1, L=21, S=29),
+    "bkv_broadcast_gqa": Shape(B=2, Bkv=1, Hq=4, Hkv=2, L=19, S=23),
+    "default_block": Shape(L=40, S=70, block=(128, 128)),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("name", ["rel_bias_causal", "graphormer", "alibi_learnable"])
+def test_shapes(name, shape):
+    run_case(BY_NAME[name], SHAPES[shape], return_lse=(shape == "gqa_2to1"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["causal", "softcap_causal", "rel_bias", "three_tensors"])
+def test_low_precision(name, dtype):
+    run_case(BY_NAME[name], Shape(L=33, S=40), dtype=dtype)
+
+
+def test_transposed_inputs():
+    run_case(BY_NAME["rel_bias_causal"], Shape(Hq=4, Hkv=2), transposed=True, return_lse=True)
+
+
+def test_custom_scale():
+    run_case(BY_NAME["softcap_causal"], Shape(), scale=0.37)
+
+
+def test_fully_masked_everything_gives_zero_grads():
+    v = Variant("nothing", mask=lambda t: lambda b, h, q, kv: q < 0)
+    dq, dk, dv = run_case(v, Shape(L=9, S=11), return_lse=True)
+    for g in (dq, dk, dv):
+        assert (g == 0).all()
+
+
+def test_no_grad_for_int_and_frozen_tensors():
+    table = torch.randn(2, 90)  # not requires_grad: must not get a .grad
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    out = af.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, i - j])
+    out.sum().backward()
+    assert table.grad is None and q.grad is not None
+
+
+def test_double_backward_raises():
+    table = torch.randn(2, 90, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    out = af.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, i - j])
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), [q, table], create_graph=True)
+
+
+def test_gradcheck_directional():
+    """First-order check independent of the reference: a central difference of the kernel's
+    own forward in float64-accumulated fp32 along a random direction matches <grad, dir>."""
+    table = torch.randn(2, 40, dtype=torch.float32, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 13, 16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v, table):
+        out = af.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, i - j])
+        return out.double().pow(2).sum()
+
+    grads = torch.autograd.grad(f(q, k, v, table), [q, k, v, table])
+    dirs = [torch.randn_like(t) for t in (q, k, v, table)]
+    eps = 1e-2
+    with torch.no_grad():
+        plus = f(*(t + eps * d for t, d in zip((q, k, v, table), dirs)))
+        minus = f(*(t - eps * d for t, d in zip((q, k, v, table), dirs)))
+    fd = ((plus - minus) / (2 * eps)).item()
+    an = sum((g.double() * d.double()).sum() for g, d in zip(grads, dirs)).item()
+    assert abs(fd - an) <= 2e-3 * (1 + abs(an)), (fd, an)
+
+
+def test_train_tiny_example_loss_decreases():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--steps", "12", "--check"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "loss decreased" in res.stdout
+
+
+# -- heavier, on demand ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_variant_grads_long(name):
+    run_case(BY_NAME[name], Shape(B=1, Hq=2, Hkv=1, L=257, S=200, E=64, Ev=32, block=(64, 32)))
+
+
+GPU_VARIANTS = [
+    "noop",
+    "causal",
+    "rel_bias_causal",
+    "alibi_learnable",
+    "graphormer",
+    "softcap_causal",
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1024, 8192])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name", GPU_VARIANTS + ["document"])
+def test_gpu_production(name, S, D):
+    """bf16 on CUDA vs the dense float64 reference (B*H*S*S*8 bytes per score tensor: H is
+    kept small at S=8192 so the reference fits in memory)."""
+    H = 4 if S <= 2048 else 2
+    shape = Shape(B=1, Hq=H, Hkv=H // 2, L=S, S=S, E=D, Ev=D, block=(128, 128))
+    run_case(BY_NAME[name], shape, dtype=torch.bfloat16, device="cuda", return_lse=True)
