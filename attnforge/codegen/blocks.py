@@ -23,6 +23,7 @@ or h are computed once and returned as expanded (stride-0) views over B and H.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ __all__ = ["BlockPlan", "plan_blocks", "brute_force_classes", "mask_from_score",
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _CHUNK_ELEMS = 1 << 22  # elements per exact-evaluation chunk (bounded memory)
+_LEAF = 16  # sub-boxes up to this many elements a side are evaluated exactly when undecided
 
 
 @dataclass
@@ -148,7 +150,7 @@ def plan_blocks(
         mask_ir = TRUE
     _check_mask(mask_ir, params)
     facts = TensorFacts(params)
-    stats = {"groups": 0, "boxes": 0, "exact_blocks": 0, "n_kv": g.nkv}
+    stats = {"groups": 0, "boxes": 0, "unknown_blocks": 0, "exact_elements": 0, "n_kv": g.nkv}
     uses_b = any(n.op is Op.B for n in mask_ir.walk())
     uses_h = any(n.op is Op.H for n in mask_ir.walk())
     groups: dict[Node, list[tuple[int, int]]] = {}
@@ -170,8 +172,10 @@ def _plan_one(mask_ir, spec, params, facts, b, h, g: _Grid, device, stats):
     """(partial ranges, full ranges) of one specialized mask: each ``(rows, k0, k1)``."""
     full, part, unknown = _quadtree(spec, params, facts, g, stats)
     if len(unknown[0]):
-        cls = _exact_classes(mask_ir, params, b, h, unknown[0], unknown[1], g, device)
-        stats["exact_blocks"] += len(cls)
+        box = g.boxes(unknown[0], unknown[0] + 1, unknown[1], unknown[1] + 1)
+        exact = functools.partial(_exact_flags, mask_ir, params, b, h, device=device)
+        cls = _refine(spec, params, facts, box, exact, stats)
+        stats["unknown_blocks"] += len(cls)
         for want, into in ((PARTIAL, part), (FULL, full)):
             sel = cls == want
             into.append((unknown[0][sel], unknown[0][sel] + 1, unknown[1][sel],
@@ -211,26 +215,68 @@ def _split(q0, q1, k0, k1):
     return tuple(np.concatenate([p[i][p[4]] for p in parts]) for i in range(4))
 
 
-def _exact_classes(mask_ir, params, b, h, qblk, kblk, g: _Grid, device) -> np.ndarray:
-    """Classes of the given blocks by element evaluation, a chunk of blocks at a time."""
-    out = np.empty(len(qblk), np.int8)
-    per = max(1, _CHUNK_ELEMS // (g.QB * g.KB))
-    ar_q = torch.arange(g.QB, device=device)
-    ar_k = torch.arange(g.KB, device=device)
-    for s in range(0, len(qblk), per):
-        qb = torch.as_tensor(qblk[s : s + per], device=device)
-        kb = torch.as_tensor(kblk[s : s + per], device=device)
-        q = qb[:, None] * g.QB + ar_q
-        kv = kb[:, None] * g.KB + ar_k
-        valid = (q < g.L)[:, :, None] & (kv < g.S)[:, None, :]
-        env = {"b": b, "h": h, "q_idx": q.clamp(max=g.L - 1)[:, :, None],
-               "kv_idx": kv.clamp(max=g.S - 1)[:, None, :]}  # fmt: skip
+def _refine(spec: Node, params, facts, box: Boxes, exact, stats) -> np.ndarray:
+    """Classes of undecided blocks: a quadtree inside each block, exact evaluation at the leaves.
+
+    A block is PARTIAL as soon as one sub-box is known to hold a True and one a False; sub-boxes
+    of at most ``_LEAF`` x ``_LEAF`` elements that stay undecided are evaluated exactly.
+    """
+    n = len(box)
+    own_t, own_f = np.zeros(n, bool), np.zeros(n, bool)
+    owner = np.arange(n)
+    ql, qh, kl, kh = box.ql, box.qh, box.kl, box.kh
+    leaves = []
+    while owner.size:
+        stats["boxes"] += owner.size
+        r = analyze(spec, Boxes(ql, qh, kl, kh), params, facts)
+        own_t[owner[r.has_t]] = True
+        own_f[owner[r.has_f]] = True
+        open_ = r.can_t & r.can_f & ~(r.has_t & r.has_f) & ~(own_t[owner] & own_f[owner])
+        small = (qh - ql < _LEAF) & (kh - kl < _LEAF)
+        leaf = open_ & small
+        leaves.append((owner[leaf], ql[leaf], qh[leaf], kl[leaf], kh[leaf]))
+        owner, ql, qh, kl, kh = _halve(open_ & ~small, owner, ql, qh, kl, kh)
+    owner, ql, qh, kl, kh = (np.concatenate([lf[i] for lf in leaves]) for i in range(5))
+    if owner.size:
+        stats["exact_elements"] += int(((qh - ql + 1) * (kh - kl + 1)).sum())
+        any_t, any_f = exact(ql.astype(np.int64), qh.astype(np.int64), kl.astype(np.int64),
+                             kh.astype(np.int64))  # fmt: skip
+        np.logical_or.at(own_t, owner, any_t)
+        np.logical_or.at(own_f, owner, any_f)
+    return np.where(own_t & own_f, PARTIAL, np.where(own_t, FULL, EMPTY)).astype(np.int8)
+
+
+def _halve(keep, owner, ql, qh, kl, kh):
+    """Boxes (inclusive element bounds) split in halves along each side longer than one."""
+    owner, ql, qh, kl, kh = owner[keep], ql[keep], qh[keep], kl[keep], kh[keep]
+    qm, km = np.floor((ql + qh) / 2), np.floor((kl + kh) / 2)
+    hq, hk = qh > ql, kh > kl
+    qa, ka = np.where(hq, qm, qh), np.where(hk, km, kh)
+    parts = [(ql, qa, kl, ka, np.ones_like(hq)), (qa + 1, qh, kl, ka, hq),
+             (ql, qa, ka + 1, kh, hk), (qa + 1, qh, ka + 1, kh, hq & hk)]  # fmt: skip
+    out = [np.concatenate([p[i][p[4]] for p in parts]) for i in range(4)]
+    own = np.concatenate([owner[p[4]] for p in parts])
+    return (own, *out)
+
+
+def _exact_flags(mask_ir, params, b, h, ql, qh, kl, kh, device):
+    """Per box (inclusive element bounds): any True, any False, by evaluating every element."""
+    sq, sk = int((qh - ql).max()) + 1, int((kh - kl).max()) + 1
+    any_t, any_f = np.empty(len(ql), bool), np.empty(len(ql), bool)
+    per = max(1, _CHUNK_ELEMS // (sq * sk))
+    ar_q, ar_k = torch.arange(sq, device=device), torch.arange(sk, device=device)
+    for s in range(0, len(ql), per):
+        lo_q, hi_q, lo_k, hi_k = (torch.as_tensor(a[s : s + per], device=device)
+                                  for a in (ql, qh, kl, kh))  # fmt: skip
+        q = lo_q[:, None] + ar_q
+        kv = lo_k[:, None] + ar_k
+        valid = (q <= hi_q[:, None])[:, :, None] & (kv <= hi_k[:, None])[:, None, :]
+        env = {"b": b, "h": h, "q_idx": torch.minimum(q, hi_q[:, None])[:, :, None],
+               "kv_idx": torch.minimum(kv, hi_k[:, None])[:, None, :]}  # fmt: skip
         m = torch.broadcast_to(evaluate(mask_ir, env, params).to(device).bool(), valid.shape)
-        any_t = (m & valid).flatten(1).any(1)
-        any_f = (~m & valid).flatten(1).any(1)
-        cls = torch.where(any_t & any_f, PARTIAL, torch.where(any_t, FULL, EMPTY))
-        out[s : s + per] = cls.cpu().numpy()
-    return out
+        any_t[s : s + per] = (m & valid).flatten(1).any(1).cpu().numpy()
+        any_f[s : s + per] = (~m & valid).flatten(1).any(1).cpu().numpy()
+    return any_t, any_f
 
 
 # -- rectangles -> compact index tables ----------------------------------------------------------
@@ -365,7 +411,8 @@ def _finite(n: Node, memo: dict) -> Node:
         out = FALSE if n.arg == -math.inf else TRUE
     elif op is Op.WHERE and not _reads_score(n.src[0]):
         c = n.src[0] if n.src[0].dtype is DType.BOOL else node(Op.NE, n.src[0], const(0))
-        out = _or(_and(c, _finite(n.src[1], memo)), _and(_not(c), _finite(n.src[2], memo)))
+        fx, fy = _finite(n.src[1], memo), _finite(n.src[2], memo)
+        out = fx if fx is fy else _or(_and(c, fx), _and(_not(c), fy))
     elif op in (Op.ADD, Op.MIN):
         out = _and(_finite(n.src[0], memo), _finite(n.src[1], memo))
     elif op is Op.MAX:

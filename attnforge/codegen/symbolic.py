@@ -539,8 +539,8 @@ def analyze(root: Node, boxes: Boxes, params: Sequence[Any] = (), facts=None) ->
     if isinstance(out, Num):
         out = an.cmp(Op.NE, out, _nconst(0, out.flt))
     full = np.ones(len(boxes), bool)
-    return Bool3(*(np.asarray(getattr(out, f), bool) & full
-                   for f in ("can_t", "can_f", "has_t", "has_f")), out.deps).normalized()  # fmt: skip
+    fields = ("can_t", "can_f", "has_t", "has_f")
+    return Bool3(*(np.asarray(getattr(out, f), bool) & full for f in fields), out.deps).normalized()
 
 
 def _as_bool(an: _Analyzer, v) -> Bool3:
