@@ -104,6 +104,8 @@ def _uses(root: Node, ops: set[Op]) -> bool:
     return ops <= {n.op for n in root.walk()}
 
 
+# the templates' prelude defines it: triton.jit when compiled, plain Python when interpreted
+_DECORATOR = "@_device_fn"
 _SCORE_ARGS = ["score", "b", "h", "q_idx", "kv_idx"]
 _MASK_ARGS = ["b", "h", "q_idx", "kv_idx"]
 
@@ -124,12 +126,12 @@ def mod_functions(
     mask_args = _MASK_ARGS + [a for s in mask_slots for a in s.args]
     if score is not None:
         score_fn = render_function("score_mod", score_args, score, by_index(score_slots),
-                                   result=_score_result)  # fmt: skip
+                                   result=_score_result, decorator=_DECORATOR)  # fmt: skip
     else:
         score_fn = _stub("score_mod", score_args, "score", "no score_mod")
     if mask is not None:
         mask_fn = render_function("mask_mod", mask_args, mask, by_index(mask_slots),
-                                  result=_mask_result)  # fmt: skip
+                                  result=_mask_result, decorator=_DECORATOR)  # fmt: skip
     else:
         mask_fn = _stub("mask_mod", mask_args, "True", "no mask_mod: every block is FULL")
     return "\n\n\n".join(b.rstrip("\n") for b in (flags, score_fn, mask_fn))
@@ -137,7 +139,7 @@ def mod_functions(
 
 def _stub(name: str, args: list[str], ret: str, why: str) -> str:
     return (
-        f"@triton.jit\ndef {name}({', '.join(args)}):\n"
+        f"{_DECORATOR}\ndef {name}({', '.join(args)}):\n"
         f"    # never called ({why}); defined so the kernel source reads the same\n"
         f"    return {ret}\n"
     )

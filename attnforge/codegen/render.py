@@ -13,7 +13,7 @@ Semantics are those of :mod:`attnforge.dsl.evaluate` (torch eager), in kernel pr
 
 A rendered function looks like::
 
-    @triton.jit
+    @_device_fn
     def score_mod(score, b, h, q_idx, kv_idx, T0, T0_size0, stride_t0_0):
         t0 = tl.load(T0 + h * stride_t0_0, mask=h < T0_size0, other=0).to(tl.float32)
         t1 = q_idx - kv_idx
@@ -183,10 +183,7 @@ def _pow(c: _Ctx, n: Node) -> str:
         x = c.as_dtype(a, n.dtype)
         return " * ".join([x] * int(b.arg))
     if n.dtype is not DType.FLOAT:
-        raise RenderError(
-            "integer ** with a non-constant or large exponent is not supported in kernels; "
-            "fix: make the base a float (e.g. `x * 1.0`) or use a constant exponent 0..4"
-        )
+        return f"_ipow({c.tensor_value(a) if a.op is Op.CONST else c.as_int(a)}, {c.as_int(b)})"
     if b.op is Op.CONST and b.arg == 0.5:
         return f"tl.sqrt({c.as_float(a)})"
     if b.op is Op.CONST and b.arg == -1:
@@ -415,9 +412,10 @@ def render_function(
     slots: Mapping[int, ParamSlot],
     result: Callable[[str, Node], str] | None = None,
     doc: str | None = None,
+    decorator: str = "@triton.jit",
 ) -> str:
-    """A ``@triton.jit`` function ``name(*args)`` returning ``root`` (``result(expr, root)``
-    may wrap the returned expression, e.g. to broadcast or cast it)."""
+    """A device function ``name(*args)`` returning ``root`` (``result(expr, root)`` may wrap
+    the returned expression, e.g. to broadcast or cast it)."""
     lines, (expr,) = render_body([root], slots)
     if result is not None:
         expr = result(expr, root)
@@ -425,4 +423,4 @@ def render_function(
     head = f"def {name}({', '.join(args)}):"
     if len(head) > 100:
         head = f"def {name}(\n" + "".join(f"    {a},\n" for a in args) + "):"
-    return "@triton.jit\n" + head + "\n" + "\n".join("    " + ln for ln in body) + "\n"
+    return decorator + "\n" + head + "\n" + "\n".join("    " + ln for ln in body) + "\n"
