@@ -484,16 +484,6 @@ def test_return_lse_false_and_scale():
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
 
 
-def test_backward_not_yet_is_clear():
-    q, k, v = _qkv()
-    q.requires_grad_(True)
-    out = af.flex_attention(q, k, v)
-    try:
-        out.sum().backward()
-    except NotImplementedError as e:
-        assert "backward" in str(e)
-
-
 # -- GPU, production shapes -----------------------------------------------------------------
 
 GPU_CASES = [
