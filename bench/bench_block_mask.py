@@ -140,13 +140,13 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
     mask_fn = make_mask(spec["mask"], spec["length"])
     run = _run_attnforge if spec["impl"] == "attnforge" else _run_flex
     run(make_mask(spec["mask"], 1024), 1024)  # imports, tracing machinery, allocator warm-up
     gc.collect()
     base = _rss_bytes("VmRSS")
     _reset_peak()
-    tracemalloc.start()
     create, transposes, out_bytes = [], [], 0
     for _ in range(spec["repeat"]):
         bm = None
@@ -155,9 +155,13 @@ def child(spec: dict) -> dict:
         create.append(c)
         transposes.append(t)
         out_bytes = _tensor_bytes(bm)
+    peak = _rss_bytes("VmHWM") - base
+    bm = None
+    gc.collect()
+    tracemalloc.start()  # a separate run: tracing slows Python allocations down
+    bm = run(mask_fn, spec["length"])[0]
     py_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    peak = _rss_bytes("VmHWM") - base
     total = [c + t for c, t in zip(create, transposes)]
     ms = lambda xs: {
         "min": round(1e3 * min(xs), 2),
@@ -193,18 +197,19 @@ def run_case(spec: dict, timeout: float) -> dict:
 # -- driver ----------------------------------------------------------------------------------------
 
 
-def cases(quick: bool, repeat: int) -> list[dict]:
+def cases(quick: bool, repeat: int, threads: int) -> list[dict]:
     out = []
     for mask, length, target in TARGETS:
         if quick and length > 131072:
             continue
         out.append(dict(impl="attnforge", mask=mask, length=length, target_ms=target,
-                        repeat=repeat))  # fmt: skip
+                        repeat=repeat, threads=threads))  # fmt: skip
     if not quick:
         for mask, length in DENSE_CASES:
             for impl in ("attnforge", "flex_dense"):
                 out.append(dict(impl=impl, mask=mask, length=length, target_ms=None,
-                                repeat=repeat if impl == "attnforge" else 2))  # fmt: skip
+                                repeat=repeat if impl == "attnforge" else 2,
+                                threads=threads))  # fmt: skip
     return out
 
 
@@ -246,6 +251,11 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="131072-token cases only; no JSON")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine OpenMP spin-waits "
+        "make 2-thread timings erratic)",
+    )  # fmt: skip
     ap.add_argument("--timeout", type=float, default=600.0, help="per case, seconds")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
@@ -256,7 +266,7 @@ def main() -> None:
     import torch
 
     results = []
-    for spec in cases(args.quick, args.repeat):
+    for spec in cases(args.quick, args.repeat, args.threads):
         r = run_case(spec, args.timeout)
         print_row(r)
         results.append(r)
@@ -270,7 +280,8 @@ def main() -> None:
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads,
+        "load_average": list(os.getloadavg()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "block_size": BLOCK,
@@ -280,7 +291,7 @@ def main() -> None:
         "above the post-warm-up RSS; output = BlockMask tensors incl. transposes",
     }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
