@@ -381,6 +381,9 @@ def test_create_block_mask_matches_flex_and_brute_force(make, q_len, kv_len, bs)
     assert torch.equal(bm.to_dense_classes(), want)
     check_transposes(bm, want)
     assert bm.mask_mod is mod
+    # the planner's lists are ascending, as the transposes' fast path assumes
+    assert bmod._rows_ascending(bm.kv_num_blocks, bm.kv_indices)
+    assert bmod._rows_ascending(bm.full_kv_num_blocks, bm.full_kv_indices)
 
 
 @pytest.mark.parametrize("q_len, bs", [(1000, 128), (777, (64, 32))])
