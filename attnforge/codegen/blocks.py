@@ -270,13 +270,28 @@ def _exact_flags(mask_ir, params, b, h, ql, qh, kl, kh, device):
                                   for a in (ql, qh, kl, kh))  # fmt: skip
         q = lo_q[:, None] + ar_q
         kv = lo_k[:, None] + ar_k
-        valid = (q <= hi_q[:, None])[:, :, None] & (kv <= hi_k[:, None])[:, None, :]
         env = {"b": b, "h": h, "q_idx": torch.minimum(q, hi_q[:, None])[:, :, None],
                "kv_idx": torch.minimum(kv, hi_k[:, None])[:, None, :]}  # fmt: skip
-        m = torch.broadcast_to(evaluate(mask_ir, env, params).to(device).bool(), valid.shape)
-        any_t[s : s + per] = (m & valid).flatten(1).any(1).cpu().numpy()
-        any_f[s : s + per] = (~m & valid).flatten(1).any(1).cpu().numpy()
+        m = evaluate(mask_ir, env, params).bool()
+        vq, vk = q <= hi_q[:, None], kv <= hi_k[:, None]
+        if m.device.type == "cpu":  # numpy: torch's small CPU reductions are slow on busy cores
+            m, vq, vk = m.numpy(), vq.numpy(), vk.numpy()
+        t, f = _any_in_box(m, vq, vk)
+        any_t[s : s + per], any_f[s : s + per] = _to_numpy(t), _to_numpy(f)
     return any_t, any_f
+
+
+def _any_in_box(m, vq, vk):
+    """Per box: some valid element True, some valid element False (numpy or torch)."""
+    n, sq, sk = vq.shape[0], vq.shape[1], vk.shape[1]
+    valid = vq[:, :, None] & vk[:, None, :]
+    t = (m & valid).reshape(n, sq * sk).any(1)
+    f = (~m & valid).reshape(n, sq * sk).any(1)
+    return t, f
+
+
+def _to_numpy(x):
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 # -- rectangles -> compact index tables ----------------------------------------------------------

@@ -165,11 +165,14 @@ class Bool3:
     has_f: Any
     deps: frozenset = frozenset()
 
+    def __post_init__(self):
+        # numpy bools throughout: ``~`` on a Python bool is an int
+        for f in ("can_t", "can_f", "has_t", "has_f"):
+            setattr(self, f, np.asarray(getattr(self, f), bool))
+
     def normalized(self) -> Bool3:
-        ct, cf = np.asarray(self.can_t, bool), np.asarray(self.can_f, bool)
-        ht = (np.asarray(self.has_t, bool) | ~cf) & ct
-        hf = (np.asarray(self.has_f, bool) | ~ct) & cf
-        return Bool3(ct, cf, ht, hf, self.deps)
+        ct, cf = self.can_t, self.can_f
+        return Bool3(ct, cf, (self.has_t | ~cf) & ct, (self.has_f | ~ct) & cf, self.deps)
 
 
 def _bconst(v: bool) -> Bool3:
