@@ -84,3 +84,14 @@ def test_readme_test_command_matches_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install torch==2.13.0 -e '.[test]' && TRITON_INTERPRET=1 python -m pytest" in readme
     assert "torch==2.13.0" in ci and "TRITON_INTERPRET=1" in ci and "python -m pytest" in ci
+
+
+def test_readme_python_snippets_run(capsys):
+    """The README's API and inspection snippets run as written (in order, one namespace)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"<README.md python block {i}>", "exec"), namespace)
+    assert "def mask_mod" in capsys.readouterr().out  # attn.source("fwd") was printed
