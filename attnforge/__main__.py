@@ -8,8 +8,9 @@
 ``inspect`` runs the file as a module whose ``__name__`` is not ``"__main__"`` (so its demo does
 not run) and shows every attention variant defined at module level: ``af.variant`` /
 ``parse_spec`` results, decorated or ``generate_*``-built mods (also inside module-level dicts,
-lists and tuples), ``BlockMask`` objects, and the results of argument-free ``generate_*``
-functions defined in the file.
+lists and tuples), ``BlockMask`` objects, the results of argument-free ``generate_*`` functions
+defined in the file, and plain FlexAttention-style functions defined in the file (recognised by
+their parameters: ``(score, b, h, q_idx, kv_idx)`` or ``(b, h, q_idx, kv_idx)``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,23 @@ def find_variants(namespace: dict[str, Any]) -> list[tuple[str, str, Any]]:
         visit(name, obj)
         if name.startswith("generate_") and _argument_free_local(obj):
             visit(f"{name}()", obj())
+        elif _plain_mod_kind(obj) and id(obj) not in seen:
+            seen.add(id(obj))
+            found.append((name, f"{_plain_mod_kind(obj)}_mod function", obj))
     return found
+
+
+def _plain_mod_kind(fn: Any) -> str | None:
+    """A FlexAttention-style function defined in the file: ``(score, b, h, q_idx, kv_idx)`` is
+    a score mod, ``(b, h, q_idx, kv_idx)`` a mask mod (judged by the parameter names)."""
+    if not pyinspect.isfunction(fn) or fn.__module__ != RUN_NAME:
+        return None
+    names = list(pyinspect.signature(fn).parameters)
+    if names == ["score", "b", "h", "q_idx", "kv_idx"]:
+        return "score"
+    if names == ["b", "h", "q_idx", "kv_idx"]:
+        return "mask"
+    return None
 
 
 def _argument_free_local(fn: Any) -> bool:
@@ -112,6 +129,8 @@ def as_variant(kind: str, obj: Any):
         return obj
     if kind == "mod":
         return Variant(**{f"{obj.kind}_mod": obj}, name=obj.name)
+    if kind.endswith("_mod function"):
+        return Variant(**{f"{_plain_mod_kind(obj)}_mod": obj}, name=obj.__name__)
     return None
 
 
@@ -129,7 +148,11 @@ def show(name: str, kind: str, obj: Any, args: argparse.Namespace, out) -> bool:
     if kind == "block_mask":
         print(obj, file=out)
         return ok
-    attn = as_variant(kind, obj)
+    try:
+        attn = as_variant(kind, obj)  # traces plain functions: may fail with a DSLError
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=out)
+        return False
     sections = [("IR", lambda: str(attn.ir))]
     L, S = args.len, args.kv_len or args.len
     sections.append((f"block map L={L} S={S}", lambda: _block_map(attn, L, S, args.device)))

@@ -36,6 +36,16 @@ def generate_banded():
     return Mod("mask", node(Op.LE, node(Op.SUB, ir.Q_IDX, ir.KV_IDX), ir.const(2)), name="band")
 
 
+def plain_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def bad_score(score, b, h, q_idx, kv_idx):
+    if score > 0:  # Python `if` on a traced value: reported, the other items still print
+        return score
+    return -score
+
+
 def generate_needs_args(w):
     raise AssertionError("factories with required arguments are not called")
 
@@ -71,6 +81,8 @@ def test_find_variants_in_definition_order_once_each(example):
         ("attn", "variant"),
         ("table['plain']", "variant"),
         ("generate_banded()", "mod"),
+        ("plain_mask", "mask_mod function"),
+        ("bad_score", "score_mod function"),
     ]
 
 
@@ -89,7 +101,10 @@ def test_inspect_prints_ir_and_block_map(example, fake_block_masks):
         out,
     )
     text = out.getvalue()
-    assert rc == 0, text
+    assert rc == 1, text  # bad_score does not trace
+    head, bad = text.split("== bad_score (score_mod function) ")
+    assert "error: DSLError" in bad and "torch.where" in bad and "error" not in head
+    assert "<map of plain_mask 256x128>" in head
     assert "== attn (variant) ==" in text and "== generate_banded() (mod) ==" in text
     assert "%1 = mul %0, 0.5 : float" in text
     assert "-- block map L=256 S=128 --\n<map of causal 256x128>" in text
@@ -122,8 +137,8 @@ def test_inspect_reports_failures_and_keeps_going(example, monkeypatch):
         cli.build_parser().parse_args(["inspect", str(example), "--source", "none"]), out
     )
     assert rc == 1
-    assert out.getvalue().count("error: RuntimeError: planner exploded") == 4  # the 4 masked items
-    assert out.getvalue().count("-- IR --") == 5
+    assert out.getvalue().count("error: RuntimeError: planner exploded") == 5  # the 5 masked items
+    assert out.getvalue().count("-- IR --") == 6  # bad_score fails before its IR
 
 
 def test_inspect_shows_the_source_that_loads(example, fake_block_masks, monkeypatch, tmp_path):
