@@ -6,7 +6,8 @@ Semantics are those of :mod:`attnforge.dsl.evaluate` (torch eager), in kernel pr
 * ``//`` and ``%`` on ints follow Python (floor) rules; Triton's truncate toward zero, so they
   go through the ``_floordiv``/``_mod`` helpers of the template prelude, or a shift / mask /
   one-compare fix-up when the divisor is a positive constant;
-* ``/`` always divides as floats; ``& | ^ ~`` are logical on bools and bitwise on ints;
+* ``/`` always divides as floats (by a power-of-two constant: times its exact reciprocal);
+* ``& | ^ ~`` are logical on bools and bitwise on ints;
 * bools promote to int32 in arithmetic (``True + True == 2``), ints to fp32 next to floats;
 * reads of captured tensors wrap negative indices (``t[-1]``) and are masked to the tensor's
   bounds, so padded rows/columns (q_idx >= L, kv_idx >= S) never fault: they read 0.
@@ -28,6 +29,7 @@ Rendering names: leaves ``score b h q_idx kv_idx``; captured scalar parameter in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -168,7 +170,18 @@ def _binary(symbol: str) -> Rule:
 
 def _div(c: _Ctx, n: Node) -> str:
     a, b = n.src
+    if b.op is Op.CONST and _is_power_of_two(float(b.arg)):
+        # exact, and a division costs ~10x a multiply in the hot loop (other constants keep
+        # the division: x * (1/3) can round below an integer that x / 3 hits exactly)
+        return f"{c.as_float(a)} * {literal(1.0 / float(b.arg))}"
     return f"{c.as_float(a)} / {c.as_float(b)}"
+
+
+def _is_power_of_two(x: float) -> bool:
+    if not math.isfinite(x) or x == 0.0:
+        return False
+    mantissa, _ = math.frexp(abs(x))
+    return mantissa == 0.5
 
 
 def _neg(c: _Ctx, n: Node) -> str:

@@ -315,7 +315,7 @@ def _attn_fwd(
     # -- epilogue: normalise; a row that kept no key gets out = 0 and lse = -inf (no NaN) --
     row_empty = l_i == 0.0
     l_safe = tl.where(row_empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(row_empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
               + (offs_m * stride_om)[:, None] + (offs_dv * stride_ok)[None, :])
