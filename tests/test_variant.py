@@ -222,6 +222,8 @@ def test_parse_spec_needs_missing_params(fake_block_masks, fake_kernel_api):
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"needs values for parameter\(s\) w.*bind\(w=\.\.\.\)"):
         attn(q, k, v)
+    with pytest.raises(ValueError, match="needs values for parameter"):
+        attn.block_mask(64)
     with pytest.raises(TypeError, match="no parameter 'ww'"):
         attn.bind(ww=3)
 

@@ -215,6 +215,7 @@ class Variant:
         ``str()`` of it is the ASCII block map. None when the variant has no mask."""
         if self._mask is None:
             return None
+        self._check_bound()
         S = L if S is None else S
         device = self._last_device if device is None else torch.device(device)
         return self._cached_block_mask(B, H, L, S, device)
