@@ -64,8 +64,16 @@ def test_single_conditions_are_decided_exactly(mask):
     check_sound(mask, [], grid_boxes(), exact=True)
 
 
-@pytest.mark.parametrize("mask", [WINDOW, N(O.OR, N(O.LT, K, c(5)), CAUSAL), N(O.NOT, WINDOW),
-                                  N(O.XOR, CAUSAL, DILATED), N(O.AND, CHUNKED, CAUSAL)])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        WINDOW,
+        N(O.OR, N(O.LT, K, c(5)), CAUSAL),
+        N(O.NOT, WINDOW),
+        N(O.XOR, CAUSAL, DILATED),
+        N(O.AND, CHUNKED, CAUSAL),
+    ],
+)
 def test_combinations_are_sound(mask):
     check_sound(mask, [], grid_boxes())
 

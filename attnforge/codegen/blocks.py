@@ -385,16 +385,17 @@ def brute_force_classes(
     env = {"b": torch.arange(B)[:, None, None, None], "h": torch.arange(H)[None, :, None, None],
            "q_idx": torch.arange(Q_LEN)[:, None], "kv_idx": torch.arange(KV_LEN)}  # fmt: skip
     root = TRUE if mask_ir is None else mask_ir
-    dense = torch.broadcast_to(evaluate(root, env, list(params)).bool(), (B, H, Q_LEN, KV_LEN))
+    value = evaluate(root, env, list(params)).bool().cpu().numpy()
+    dense = np.broadcast_to(value.reshape((1,) * (4 - value.ndim) + value.shape),
+                            (B, H, Q_LEN, KV_LEN))  # fmt: skip
     shape = (B, H, g.nq * g.QB, g.nkv * g.KB)
-    pad_t = torch.zeros(shape, dtype=torch.bool)
-    pad_f = torch.ones(shape, dtype=torch.bool)
+    pad_t, pad_f = np.zeros(shape, bool), np.ones(shape, bool)
     pad_t[..., :Q_LEN, :KV_LEN] = dense
     pad_f[..., :Q_LEN, :KV_LEN] = dense
     view = (B, H, g.nq, g.QB, g.nkv, g.KB)
-    any_t = pad_t.view(view).any(5).any(3)
-    all_t = pad_f.view(view).all(5).all(3)
-    return torch.where(all_t, FULL, torch.where(any_t, PARTIAL, EMPTY)).to(torch.int8)
+    any_t = pad_t.reshape(view).any(axis=(3, 5))
+    all_t = pad_f.reshape(view).all(axis=(3, 5))
+    return torch.from_numpy(np.where(all_t, FULL, np.where(any_t, PARTIAL, EMPTY)).astype(np.int8))
 
 
 # -- score mods ----------------------------------------------------------------------------------
