@@ -202,13 +202,42 @@ def _is_kernel_wrapper(value) -> bool:
 _CLASS_CACHE: dict = {}
 
 
+def _language_namespaces() -> list:
+    import triton.language as tl
+
+    spaces = [tl, tl.core, tl.math, tl.core.tensor]
+    desc = getattr(tl.core, "tensor_descriptor_base", None)
+    return spaces + ([desc] if desc is not None else [])
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Undo the interpreter's patches of ``triton.language`` after an interpreted launch.
+
+    The interpreter patches ``tl`` builtins for a device-function call (a kernel calling another
+    ``@jit`` function) and, in triton 3.6 at least, never restores them; a kernel compiled for
+    the GPU later in the same process then fails in the frontend ("'ir.value' object has no
+    attribute 'dtype'"). Snapshot the namespaces and put every attribute back afterwards.
+    """
+    saved = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+    try:
+        yield
+    finally:
+        for ns, before in saved:
+            for name in [n for n in vars(ns) if n not in before]:
+                delattr(ns, name)
+            for name, value in before.items():
+                if vars(ns).get(name, _MISSING) is not value:
+                    setattr(ns, name, value)
+
+
 def _self_contained_class(base):
     cls = _CLASS_CACHE.get(base)
     if cls is None:
 
         class SelfContainedInterpretedFunction(base):
             def run(self, *args, **kwargs):
-                with _LOCK, triton_interpret(True), _jit_calls_interpreted():
+                with _LOCK, triton_interpret(True), _jit_calls_interpreted(), _language_restored():
                     return super().run(*args, **kwargs)
 
         cls = _CLASS_CACHE[base] = SelfContainedInterpretedFunction
