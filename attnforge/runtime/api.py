@@ -34,8 +34,11 @@ from typing import Any
 
 import torch
 
-from . import launch
+from ..codegen import lower
+from ..dsl.api import as_mod
+from . import cache, launch, loader
 from .autograd import attention
+from .blockmask import BlockMask
 
 __all__ = ["flex_attention"]
 
@@ -76,10 +79,6 @@ def flex_attention(
     else:
         block_mask = _check_block_mask(block_mask, q, k)
     scale = 1.0 / math.sqrt(E) if scale is None else _check_scale(scale)
-
-    from ..codegen import lower
-    from ..dsl.api import as_mod
-    from . import cache, loader
 
     score = as_mod(score_mod, "score")
     mask = block_mask.mask_mod
@@ -166,8 +165,6 @@ def _check_scale(scale: Any) -> float:
 
 
 def _check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor):
-    from .blockmask import BlockMask
-
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
             block_mask = BlockMask.from_torch(block_mask)  # torch's BlockMask
@@ -221,8 +218,6 @@ def _full_plan(L: int, S: int, device: torch.device):
     plan = _full_plans.get(key)
     if plan is not None:
         return plan
-    from .blockmask import BlockMask
-
     n_q = max(1, -(-L // _FULL_BLOCK))
     n_kv = -(-S // _FULL_BLOCK)
     partial_num = torch.zeros((1, 1, n_q), dtype=torch.int32, device=device)

@@ -37,6 +37,11 @@
 #   s<i>              captured scalar parameter in slot i (a runtime argument, never constexpr)
 #   T<i>              captured tensor in slot i, with T<i>_size<d> and stride_t<i>_<d>
 #   q_idx, kv_idx     absolute query row [BLOCK_M, 1] and key column [1, BLOCK_N] (int32)
+#   start_m, off_zh   program ids: query tile, batch * H + head; off_z, off_h, off_hkv follow
+#   offs_m, offs_n    absolute row / column indices of the tile; offs_d, offs_dv feature dims
+#   sparse_m          the BlockMask row (q block) of this tile
+#   TILES_PER_BLOCK   SPARSE_KV_BLOCK // BLOCK_N steps per listed kv block
+#   m_ij, p, alpha    new row max, exp2(qk - m_ij), rescale factor exp2(m_i - m_ij)
 import os
 
 import triton
