@@ -200,9 +200,14 @@ def test_random_affine_conditions_are_exact(a, b, d, op, bxs):
     check_sound(N(op, form, c(0)), [], bxs, exact=op not in (O.EQ, O.NE) or abs(a) <= 1)
 
 
-def test_analyze_refuses_unspecialized_ir():
-    with pytest.raises(ValueError, match="specialize"):
-        analyze(N(O.LT, K, ir.B), Boxes.of([0], [1], [0], [1]))
+def test_analyze_reads_b_h_per_box_and_refuses_score():
+    windows = ir.tensor(0, 1, "int64")
+    mask = N(O.AND, CAUSAL, N(O.LT, sub(Q, K), N(O.LOAD, windows, ir.H)))
+    r = analyze(mask, Boxes.of([100] * 3, [103] * 3, [90] * 3, [93] * 3, h=[0, 1, 2]),
+                [torch.tensor([4, 20, 10])])  # fmt: skip
+    assert r.can_t.tolist() == [False, True, True] and r.can_f.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="score"):
+        analyze(N(O.LT, ir.SCORE, c(0.0)), Boxes.of([0], [1], [0], [1]))
 
 
 def test_vectorized_over_many_boxes():

@@ -92,9 +92,9 @@ class _Grid:
     def nkv(self) -> int:
         return math.ceil(self.S / self.KB)
 
-    def boxes(self, bq0, bq1, bk0, bk1) -> Boxes:
+    def boxes(self, bq0, bq1, bk0, bk1, b=0, h=0) -> Boxes:
         return Boxes.of(bq0 * self.QB, np.minimum(bq1 * self.QB, self.L) - 1,
-                        bk0 * self.KB, np.minimum(bk1 * self.KB, self.S) - 1)  # fmt: skip
+                        bk0 * self.KB, np.minimum(bk1 * self.KB, self.S) - 1, b, h)  # fmt: skip
 
 
 def _positive(value: Any, name: str) -> int:
@@ -157,62 +157,76 @@ def plan_blocks(
     for b in range(B) if uses_b else (0,):
         for h in range(H) if uses_h else (0,):
             groups.setdefault(specialize(mask_ir, params, b, h), []).append((b, h))
-    results = []
-    for spec, members in groups.items():
-        rep_b, rep_h = members[0]
-        part, full = _plan_one(mask_ir, spec, params, facts, rep_b, rep_h, g, device, stats)
-        results.append((members, part, full))
     stats["groups"] = len(groups)
-    num, idx = _assemble([(m, p) for m, p, _ in results], B, H, g.nq, uses_b, uses_h)
-    fnum, fidx = _assemble([(m, f) for m, _, f in results], B, H, g.nq, uses_b, uses_h)
+    members = list(groups.values())
+    reps = np.array([m[0] for m in members], np.int64).reshape(-1, 2)
+    # one analysis for every group at once: each box carries its group's (b, h)
+    shared = specialize(mask_ir, params, None, None)
+    part, full = _plan_groups(mask_ir, shared, params, facts, reps, g, device, stats)
+    num, idx = _assemble(list(zip(members, part)), B, H, g.nq, uses_b, uses_h)
+    fnum, fidx = _assemble(list(zip(members, full)), B, H, g.nq, uses_b, uses_h)
     return BlockPlan(num.to(device), idx.to(device), fnum.to(device), fidx.to(device), stats)
 
 
-def _plan_one(mask_ir, spec, params, facts, b, h, g: _Grid, device, stats):
-    """(partial ranges, full ranges) of one specialized mask: each ``(rows, k0, k1)``."""
-    full, part, unknown = _quadtree(spec, params, facts, g, stats)
-    if len(unknown[0]):
-        box = g.boxes(unknown[0], unknown[0] + 1, unknown[1], unknown[1] + 1)
-        exact = functools.partial(_exact_flags, mask_ir, params, b, h, device=device)
-        cls = _refine(spec, params, facts, box, exact, stats)
+def _plan_groups(mask_ir, shared, params, facts, reps, g: _Grid, device, stats):
+    """Per group: (partial ranges, full ranges), each ``(rows, k0, k1)``."""
+    full, part, unknown = _quadtree(shared, params, facts, reps, g, stats)
+    gid, uq, uk = unknown
+    if gid.size:
+        b, h = reps[gid, 0], reps[gid, 1]
+        box = g.boxes(uq, uq + 1, uk, uk + 1, b, h)
+        exact = functools.partial(_exact_flags, mask_ir, params, device=device)
+        cls = _refine(shared, params, facts, box, exact, stats)
         stats["unknown_blocks"] += len(cls)
         for want, into in ((PARTIAL, part), (FULL, full)):
             sel = cls == want
-            into.append((unknown[0][sel], unknown[0][sel] + 1, unknown[1][sel],
-                          unknown[1][sel] + 1))  # fmt: skip
-    return _row_ranges(part), _row_ranges(full)
+            into.append((gid[sel], uq[sel], uq[sel] + 1, uk[sel], uk[sel] + 1))
+    n = len(reps)
+    return _by_group(part, n), _by_group(full, n)
 
 
-def _quadtree(spec: Node, params, facts, g: _Grid, stats):
-    """Rectangles (block units, half-open) of FULL and PARTIAL blocks, and undecided blocks."""
+def _by_group(rects: list, n_groups: int) -> list:
+    """Rectangles ``(gid, q0, q1, k0, k1)`` -> per group, merged per-row ranges."""
+    cols = [np.concatenate([r[i] for r in rects]) for i in range(5)]
+    order = np.argsort(cols[0], kind="stable")
+    cuts = np.searchsorted(cols[0][order], np.arange(1, n_groups))
+    return [_row_ranges([tuple(c[sel] for c in cols[1:])]) for sel in np.split(order, cuts)]
+
+
+def _quadtree(spec: Node, params, facts, reps: np.ndarray, g: _Grid, stats):
+    """Rectangles (block units, half-open, with their group) of FULL and PARTIAL blocks, and
+    the undecided blocks ``(gid, q block, kv block)``."""
     i64 = np.int64
-    bq0, bq1 = np.zeros(1, i64), np.full(1, g.nq, i64)
-    bk0, bk1 = np.zeros(1, i64), np.full(1, g.nkv, i64)
-    full, part, unk_q, unk_k = [], [], [], []
+    n = len(reps)
+    gid = np.arange(n, dtype=i64)
+    bq0, bq1 = np.zeros(n, i64), np.full(n, g.nq, i64)
+    bk0, bk1 = np.zeros(n, i64), np.full(n, g.nkv, i64)
+    full, part, unknowns = [], [], []
     while bq0.size:
         stats["boxes"] += bq0.size
-        r = analyze(spec, g.boxes(bq0, bq1, bk0, bk1), params, facts)
+        boxes = g.boxes(bq0, bq1, bk0, bk1, reps[gid, 0], reps[gid, 1])
+        r = analyze(spec, boxes, params, facts)
         is_full, is_empty = ~r.can_f, ~r.can_t
         single = (bq1 - bq0 == 1) & (bk1 - bk0 == 1)
         mixed = single & r.has_t & r.has_f
         unknown = single & ~is_full & ~is_empty & ~mixed
         split = ~single & ~is_full & ~is_empty
-        full.append((bq0[is_full], bq1[is_full], bk0[is_full], bk1[is_full]))
-        part.append((bq0[mixed], bq1[mixed], bk0[mixed], bk1[mixed]))
-        unk_q.append(bq0[unknown])
-        unk_k.append(bk0[unknown])
-        bq0, bq1, bk0, bk1 = _split(bq0[split], bq1[split], bk0[split], bk1[split])
-    return full, part, (np.concatenate(unk_q), np.concatenate(unk_k))
+        full.append((gid[is_full], bq0[is_full], bq1[is_full], bk0[is_full], bk1[is_full]))
+        part.append((gid[mixed], bq0[mixed], bq1[mixed], bk0[mixed], bk1[mixed]))
+        unknowns.append((gid[unknown], bq0[unknown], bk0[unknown]))
+        gid, bq0, bq1, bk0, bk1 = _split(gid[split], bq0[split], bq1[split], bk0[split],
+                                         bk1[split])  # fmt: skip
+    return full, part, tuple(np.concatenate([u[i] for u in unknowns]) for i in range(3))
 
 
-def _split(q0, q1, k0, k1):
+def _split(gid, q0, q1, k0, k1):
     """Each box into up to four: halves along every side longer than one block."""
     hq, hk = q1 - q0 > 1, k1 - k0 > 1
     qa = np.where(hq, (q0 + q1) // 2, q1)
     ka = np.where(hk, (k0 + k1) // 2, k1)
-    parts = [(q0, qa, k0, ka, np.ones_like(hq)), (qa, q1, k0, ka, hq), (q0, qa, ka, k1, hk),
-             (qa, q1, ka, k1, hq & hk)]  # fmt: skip
-    return tuple(np.concatenate([p[i][p[4]] for p in parts]) for i in range(4))
+    parts = [(gid, q0, qa, k0, ka, np.ones_like(hq)), (gid, qa, q1, k0, ka, hq),
+             (gid, q0, qa, ka, k1, hk), (gid, qa, q1, ka, k1, hq & hk)]  # fmt: skip
+    return tuple(np.concatenate([p[i][p[5]] for p in parts]) for i in range(5))
 
 
 def _refine(spec: Node, params, facts, box: Boxes, exact, stats) -> np.ndarray:
@@ -228,7 +242,7 @@ def _refine(spec: Node, params, facts, box: Boxes, exact, stats) -> np.ndarray:
     leaves = []
     while owner.size:
         stats["boxes"] += owner.size
-        r = analyze(spec, Boxes(ql, qh, kl, kh), params, facts)
+        r = analyze(spec, Boxes(ql, qh, kl, kh, box.b[owner], box.h[owner]), params, facts)
         own_t[owner[r.has_t]] = True
         own_f[owner[r.has_f]] = True
         open_ = r.can_t & r.can_f & ~(r.has_t & r.has_f) & ~(own_t[owner] & own_f[owner])
@@ -239,8 +253,9 @@ def _refine(spec: Node, params, facts, box: Boxes, exact, stats) -> np.ndarray:
     owner, ql, qh, kl, kh = (np.concatenate([lf[i] for lf in leaves]) for i in range(5))
     if owner.size:
         stats["exact_elements"] += int(((qh - ql + 1) * (kh - kl + 1)).sum())
-        any_t, any_f = exact(ql.astype(np.int64), qh.astype(np.int64), kl.astype(np.int64),
-                             kh.astype(np.int64))  # fmt: skip
+        i64 = np.int64
+        any_t, any_f = exact(box.b[owner].astype(i64), box.h[owner].astype(i64), ql.astype(i64),
+                             qh.astype(i64), kl.astype(i64), kh.astype(i64))  # fmt: skip
         np.logical_or.at(own_t, owner, any_t)
         np.logical_or.at(own_f, owner, any_f)
     return np.where(own_t & own_f, PARTIAL, np.where(own_t, FULL, EMPTY)).astype(np.int8)
@@ -266,11 +281,12 @@ def _exact_flags(mask_ir, params, b, h, ql, qh, kl, kh, device):
     per = max(1, _CHUNK_ELEMS // (sq * sk))
     ar_q, ar_k = torch.arange(sq, device=device), torch.arange(sk, device=device)
     for s in range(0, len(ql), per):
-        lo_q, hi_q, lo_k, hi_k = (torch.as_tensor(a[s : s + per], device=device)
-                                  for a in (ql, qh, kl, kh))  # fmt: skip
+        bb, hh, lo_q, hi_q, lo_k, hi_k = (torch.as_tensor(a[s : s + per], device=device)
+                                          for a in (b, h, ql, qh, kl, kh))  # fmt: skip
         q = lo_q[:, None] + ar_q
         kv = lo_k[:, None] + ar_k
-        env = {"b": b, "h": h, "q_idx": torch.minimum(q, hi_q[:, None])[:, :, None],
+        env = {"b": bb[:, None, None], "h": hh[:, None, None],
+               "q_idx": torch.minimum(q, hi_q[:, None])[:, :, None],
                "kv_idx": torch.minimum(kv, hi_k[:, None])[:, None, :]}  # fmt: skip
         m = evaluate(mask_ir, env, params).bool()
         vq, vk = q <= hi_q[:, None], kv <= hi_k[:, None]

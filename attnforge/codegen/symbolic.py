@@ -92,8 +92,10 @@ def _simplify(n: Node) -> Node:
     return n
 
 
-def specialize(root: Node, params: Sequence[Any], b: int = 0, h: int = 0) -> Node:
+def specialize(root: Node, params: Sequence[Any], b: int | None = 0, h: int | None = 0) -> Node:
     """``root`` with b, h and scalar parameters substituted and constant subtrees folded.
+
+    ``b=None`` / ``h=None`` keep that index symbolic.
 
     Loads whose indices become constant are read (``lengths[b]`` -> a number), so the result
     only mentions q_idx, kv_idx, constants and loads indexed by q_idx / kv_idx.  Semantics are
@@ -101,9 +103,9 @@ def specialize(root: Node, params: Sequence[Any], b: int = 0, h: int = 0) -> Nod
     """
     done: dict[int, Node] = {}
     for n in toposort([root]):
-        if n.op is Op.B:
+        if n.op is Op.B and b is not None:
             m = const(int(b))
-        elif n.op is Op.H:
+        elif n.op is Op.H and h is not None:
             m = const(int(h))
         elif n.op is Op.SCALAR:
             m = const(_py_value(params[n.arg[0]]))
@@ -126,17 +128,23 @@ def specialize(root: Node, params: Sequence[Any], b: int = 0, h: int = 0) -> Nod
 
 @dataclass
 class Boxes:
-    """N boxes, inclusive bounds, float64 arrays (exact for indices below 2**50)."""
+    """N boxes, inclusive bounds, float64 arrays (exact for indices below 2**50).
+
+    ``b`` and ``h`` are each box's batch and head (a box lies in one (b, h) slice).
+    """
 
     ql: np.ndarray
     qh: np.ndarray
     kl: np.ndarray
     kh: np.ndarray
+    b: Any = 0.0
+    h: Any = 0.0
 
     @classmethod
-    def of(cls, ql, qh, kl, kh) -> Boxes:
-        f = np.asarray
-        return cls(f(ql, np.float64), f(qh, np.float64), f(kl, np.float64), f(kh, np.float64))
+    def of(cls, ql, qh, kl, kh, b=0, h=0) -> Boxes:
+        ql, qh, kl, kh, b, h = np.broadcast_arrays(*(np.asarray(v, np.float64)
+                                                     for v in (ql, qh, kl, kh, b, h)))  # fmt: skip
+        return cls(ql, qh, kl, kh, b, h)
 
     def __len__(self) -> int:
         return len(self.ql)
@@ -217,11 +225,9 @@ class TensorFacts:
             nan = bool(np.isnan(af).any())
             facts.update(lo=float(np.nanmin(af)) if not nan else -_INF,
                          hi=float(np.nanmax(af)) if not nan else _INF, nan=nan)  # fmt: skip
-            inc = dec = False
-            if a.ndim == 1 and not nan:
-                d = np.diff(af)
-                inc, dec = bool((d >= 0).all()), bool((d <= 0).all())
-            facts.update(inc=inc, dec=dec)
+            steps = [np.diff(af, axis=d) for d in range(a.ndim)] if not nan else []
+            facts.update(inc=[bool((d >= 0).all()) for d in steps] or [False] * a.ndim,
+                         dec=[bool((d <= 0).all()) for d in steps] or [False] * a.ndim)  # fmt: skip
         self._cache[key] = facts
         return facts
 
@@ -324,22 +330,28 @@ class _Analyzer:
         return self.finish(out) if not flt else out
 
     def floordiv(self, x: Num, y: Num, flt: bool) -> Num:
-        k = self._scalar_const(y)
-        if k is None or k == 0:
+        k = self._box_const(y)
+        if k is None:
             return self.top(x.deps | y.deps, flt, nan=True)
         lo, hi = self.bounds(x)
         with np.errstate(invalid="ignore"):
             a, b = np.floor(lo / k), np.floor(hi / k)
-        if k < 0:
-            a, b = b, a
-        return self.interval(a, b, x.ends, x.dense, x.deps, flt, x.nan)
+        pos = k > 0
+        return self.interval(np.where(pos, a, b), np.where(pos, b, a), x.ends, x.dense, x.deps,
+                             flt, x.nan)  # fmt: skip
 
     def mod(self, x: Num, y: Num, flt: bool) -> Num:
-        k = self._scalar_const(y)
-        if k is None or k == 0:
+        """Python ``%`` (sign of the divisor): ``x % k == -((-x) % -k)`` for ``k < 0``."""
+        k = self._box_const(y)
+        if k is None:
             return self.top(x.deps | y.deps, flt, nan=True)
-        if k < 0:
-            return self.neg(self.mod(self.neg(x), _nconst(-k, y.flt), flt))
+        pos = k > 0
+        if pos.all():
+            return self._mod_pos(x, k, flt)
+        neg = self.neg(self._mod_pos(self.neg(x), np.abs(k), flt))
+        return neg if not pos.any() else self.select(pos, self._mod_pos(x, np.abs(k), flt), neg)
+
+    def _mod_pos(self, x: Num, k, flt: bool) -> Num:
         lo, hi = self.bounds(x)
         with np.errstate(invalid="ignore"):
             qa, qb = np.floor(lo / k), np.floor(hi / k)
@@ -351,11 +363,12 @@ class _Analyzer:
                               covers, x.deps, flt, x.nan)  # fmt: skip
         return self.select(same, exact, wraps)
 
-    def _scalar_const(self, y: Num):
+    def _box_const(self, y: Num):
+        """``y`` as a per-box array when it is a nonzero constant in every box, else None."""
         if y.nan or not np.all(self.is_point(y)):
             return None
-        v = np.unique(np.asarray(y.rlo))
-        return float(v[0]) if len(v) == 1 else None
+        k = np.broadcast_to(np.asarray(y.rlo, np.float64), self.nq.shape)
+        return None if np.any(k == 0) or not np.all(np.isfinite(k)) else k
 
     def minmax(self, x: Num, y: Num, is_min: bool, flt: bool) -> Num:
         xl, xh = self.bounds(x)
@@ -465,6 +478,9 @@ class _Analyzer:
     # -- loads -----------------------------------------------------------------------------------
 
     def load(self, n: Node, idx: list) -> Num | Bool3:
+        """``t[i0, i1, ...]``: exact where every index is a point in the box; the values at the
+        ends of the index range where one index ranges along a sorted axis; else ``t``'s range.
+        """
         t = n.src[0]
         fixed = tuple(s.arg if s.op is Op.CONST else None for s in n.src[1:])
         facts = self.facts.get(t.arg[0], fixed)
@@ -473,33 +489,34 @@ class _Analyzer:
         flt = n.dtype is DType.FLOAT
         a = facts["a"]
         if facts["bool"]:
-            out: Any = Bool3(facts["any"], not facts["all"], False, False, deps)
+            out: Any = Bool3(facts["any"], not facts["all"], False, False, deps).normalized()
         else:
             out = self.interval(facts["lo"], facts["hi"], False, False, deps, flt, facts["nan"])
         if not free or a.size == 0:
-            return out.normalized() if isinstance(out, Bool3) else out
+            return out
         bnds = [self.bounds(v) for v in free]
-        point = np.ones(len(self.bx), bool)
+        points = [lo == hi for lo, hi in bnds]
         inside = np.ones(len(self.bx), bool)
         for (lo, hi), size in zip(bnds, a.shape):
-            point &= lo == hi
             inside &= (lo >= 0) & (hi <= size - 1) & (np.floor(lo) == lo) & (np.floor(hi) == hi)
         lo_idx = tuple(np.where(inside, lo, 0).astype(np.int64) for lo, _ in bnds)
         hi_idx = tuple(np.where(inside, hi, 0).astype(np.int64) for _, hi in bnds)
         vlo, vhi = a[lo_idx], a[hi_idx]
-        exact = inside & point
+        exact = inside & np.logical_and.reduce(points)
         if facts["bool"]:
-            got = Bool3(vlo, ~vlo, vlo, ~vlo, deps)
-            return self._sel_bool(exact, got, out.normalized())
-        if len(free) == 1 and (facts["inc"] or facts["dec"]):
-            # monotone 1-D table: the range over an index interval is the values at its ends
-            (v,) = free
-            lo, hi = (vlo, vhi) if facts["inc"] else (vhi, vlo)
-            ranged = self.interval(lo.astype(np.float64), hi.astype(np.float64),
-                                   np.asarray(v.ends, bool), False, deps, flt)  # fmt: skip
-            return self.select(inside, ranged, out)
-        pt = self.interval(vlo.astype(np.float64), vlo.astype(np.float64), True, True, deps, flt)
-        return self.select(exact, pt, out)
+            return self._sel_bool(exact, Bool3(vlo, ~vlo, vlo, ~vlo, deps), out)
+        vlo, vhi = vlo.astype(np.float64), vhi.astype(np.float64)
+        for d, v in enumerate(free):
+            inc, dec = facts["inc"][d], facts["dec"][d]
+            only_d = inside & ~points[d]
+            for e in range(len(free)):
+                only_d &= points[e] | (e == d)
+            if (inc or dec) and only_d.any():
+                # sorted along d: over an index interval the range is the values at its ends
+                lo, hi = (vlo, vhi) if inc else (vhi, vlo)
+                ranged = self.interval(lo, hi, np.asarray(v.ends, bool), False, deps, flt)
+                out = self.select(only_d, ranged, out)
+        return self.select(exact, self.interval(vlo, vlo, True, True, deps, flt), out)
 
     def _sel_bool(self, mask, a: Bool3, b: Bool3) -> Bool3:
         return Bool3(*(np.where(mask, getattr(a, f), getattr(b, f))
@@ -531,8 +548,8 @@ _MONOTONE[Op.ERF] = (_erf, -_INF)
 def analyze(root: Node, boxes: Boxes, params: Sequence[Any] = (), facts=None) -> Bool3:
     """Classify the (specialized) mask ``root`` over every box at once.
 
-    ``root`` must not mention b, h or scalar parameters (see :func:`specialize`); tensor
-    parameters are read from ``params``.  The result is normalized (see :class:`Bool3`).
+    b and h are each box's own (``boxes.b``, ``boxes.h``); parameters are read from ``params``.
+    The result is normalized (see :class:`Bool3`).
     """
     an = _Analyzer(boxes, facts if facts is not None else TensorFacts(params))
     vals: dict[int, Any] = {}
@@ -568,8 +585,15 @@ def _abstract(an: _Analyzer, n: Node, a: list):
         return Num(1.0, 0.0, 0.0, 0.0, True, True, frozenset({"q"}))
     if op is Op.KV_IDX:
         return Num(0.0, 1.0, 0.0, 0.0, True, True, frozenset({"kv"}))
-    if op in (Op.B, Op.H, Op.SCALAR, Op.SCORE):
-        raise ValueError(f"analyze: {op.value} must be substituted first (use specialize)")
+    if op is Op.B:
+        return Num(0.0, 0.0, an.bx.b, an.bx.b, True, True, frozenset())
+    if op is Op.H:
+        return Num(0.0, 0.0, an.bx.h, an.bx.h, True, True, frozenset())
+    if op is Op.SCALAR:
+        v = _py_value(an.facts.params[n.arg[0]])
+        return _bconst(bool(v)) if n.dtype is DType.BOOL else _nconst(v, flt)
+    if op is Op.SCORE:
+        raise ValueError("analyze: a mask cannot read `score` (see blocks.mask_from_score)")
     if op is Op.TENSOR:
         return None
     if op is Op.LOAD:
@@ -633,8 +657,8 @@ def _arith(an: _Analyzer, n: Node, a: list, flt: bool) -> Num:
     if op is Op.MUL:
         return an.mul(a[0], a[1], flt)
     if op is Op.DIV:
-        k = an._scalar_const(a[1])
-        if k is not None and k != 0:
+        k = an._box_const(a[1])
+        if k is not None:
             return an.scale(a[0], 1.0 / k)
         yl, yh = an.bounds(a[1])
         if np.all((yl > 0) | (yh < 0)):
