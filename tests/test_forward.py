@@ -478,6 +478,18 @@ def test_kernel_options_checked():
     af.flex_attention(q, k, v, kernel_options={"PRESCALE_QK": False})  # flex-only: ignored
 
 
+def test_return_aux_like_recent_torch():
+    tfa = pytest.importorskip("torch.nn.attention.flex_attention")
+    if not hasattr(tfa, "AuxRequest"):
+        pytest.skip("torch without AuxRequest")
+    q, k, v = _qkv()
+    out, aux = af.flex_attention(q, k, v, return_aux=tfa.AuxRequest(lse=True))
+    out2, lse = af.flex_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, out2) and torch.equal(aux.lse, lse) and aux.max_scores is None
+    with pytest.raises(NotImplementedError, match="max_scores"):
+        af.flex_attention(q, k, v, return_aux=tfa.AuxRequest(max_scores=True))
+
+
 def test_return_lse_false_and_scale():
     q, k, v = _qkv()
     out = af.flex_attention(q, k, v, scale=0.3)

@@ -55,6 +55,8 @@ def flex_attention(
     enable_gqa: bool = False,
     return_lse: bool = False,
     kernel_options: dict | None = None,
+    *,
+    return_aux: Any = None,
 ):
     """Attention with a score mod and a block-sparse mask, FlexAttention semantics.
 
@@ -63,10 +65,12 @@ def flex_attention(
     applies its ``mask_mod`` in partial ones; ``scale`` defaults to ``1 / sqrt(E)``.  A query
     row with every key masked gives output 0 and lse ``-inf``.  Returns ``out``, or
     ``(out, lse)`` with ``return_lse=True``.  ``kernel_options`` may set ``BLOCK_M``,
-    ``BLOCK_N``, ``num_warps``, ``num_stages``.
+    ``BLOCK_N``, ``num_warps``, ``num_stages``.  As in recent torch, ``return_aux=
+    AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=lse, max_scores=None))`` instead.
     """
     q, k, v = query, key, value
     _check_tensors(q, k, v, enable_gqa)
+    want_lse = _check_aux(return_lse, return_aux)
     options = launch.check_kernel_options(kernel_options)
     B, Hq, L, E = q.shape
     S = k.shape[2]
@@ -98,11 +102,38 @@ def flex_attention(
         gqa_group=Hq // k.shape[1],
         config=launch.choose_fwd_config(q, v, block_mask.BLOCK_SIZE, options),
         scalars=scalars,
-        return_lse=bool(return_lse),
+        return_lse=want_lse,
         options=options,
     )
     out, lse = attention(call, q, k, v, tensors)
+    if return_aux is not None:
+        return out, _aux_output(lse if want_lse else None)
     return (out, lse) if return_lse else out
+
+
+def _check_aux(return_lse: bool, return_aux: Any) -> bool:
+    if return_aux is None:
+        return bool(return_lse)
+    if return_lse:
+        raise ValueError(
+            "pass either return_lse=True or return_aux=AuxRequest(lse=True), not both"
+        )
+    if getattr(return_aux, "max_scores", False):
+        raise NotImplementedError(
+            "return_aux=AuxRequest(max_scores=True) is not supported by attnforge yet; "
+            "request lse only"
+        )
+    return bool(getattr(return_aux, "lse", False))
+
+
+def _aux_output(lse):
+    try:
+        from torch.nn.attention.flex_attention import AuxOutput
+    except ImportError:  # older torch: a look-alike
+        from collections import namedtuple
+
+        AuxOutput = namedtuple("AuxOutput", ["lse", "max_scores"], defaults=(None, None))
+    return AuxOutput(lse=lse, max_scores=None)
 
 
 # -- checks ------------------------------------------------------------------------------------
