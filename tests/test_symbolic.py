@@ -219,3 +219,14 @@ def test_vectorized_over_many_boxes():
     below, above = ql >= kl + 127, ql + 127 < kl
     assert np.array_equal(~r.can_f, below) and np.array_equal(~r.can_t, above)
     assert np.all(r.has_t & r.has_f | below | above)
+
+
+# -- regressions found by hypothesis -------------------------------------------------------------
+
+
+def test_regression_where_with_a_folded_constant_condition():
+    """``~`` on a Python bool is an int (``~True == -2``): a constant condition picked the wrong
+    branch of an integer ``where``."""
+    pick = N(O.WHERE, N(O.LT, c(0), c(0)), Q, K)
+    check_sound(N(O.LT, pick, K), [], [(0, 0, 0, 1)], exact=True)
+    check_sound(N(O.LT, pick, Q), [], [(0, 1, 0, 0)], exact=True)
