@@ -42,8 +42,9 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--D", type=int, default=128)
     args = ap.parse_args(argv)
-    import attnforge as af
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import attnforge as af
 
     B, H, S, D = args.B, args.H, args.S, args.D
     dev, dt = "cuda", torch.bfloat16
@@ -63,16 +64,20 @@ def main(argv=None):
         abm = af.create_block_mask(causal, None, None, S, S, device=dev)
         tbm = create_block_mask(causal, None, None, S, S, device=dev)
         impls = {
-            "attnforge": lambda q_, k_, v_: af.flex_attention(q_, k_, v_, score, block_mask=abm),
-            "flex": lambda q_, k_, v_: flex_c(q_, k_, v_, score, block_mask=tbm),
+            "attnforge": lambda q_, k_, v_, s=score, bm=abm: af.flex_attention(
+                q_, k_, v_, s, block_mask=bm
+            ),
+            "flex": lambda q_, k_, v_, s=score, bm=tbm: flex_c(q_, k_, v_, s, block_mask=bm),
         }
         for impl, fn in impls.items():
             mib = peak_extra_mib(fn, q, k, v, do)
             rows.append(dict(variant=name, impl=impl, B=B, H=H, S=S, D=D, peak_extra_mib=mib))
             print(f"{name:14s} {impl:10s} fwd+bwd peak extra {mib:9.1f} MiB", flush=True)
     io_mib = 4 * q.numel() * q.element_size() / 2**20
-    print(f"(for scale: q, k, v, out together are {io_mib:.0f} MiB; one fp32 score matrix "
-          f"would be {B * H * S * S * 4 / 2**30:.0f} GiB)")
+    print(
+        f"(for scale: q, k, v, out together are {io_mib:.0f} MiB; one fp32 score matrix "
+        f"would be {B * H * S * S * 4 / 2**30:.0f} GiB)"
+    )
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     stamp = datetime.date.today().strftime("%Y%m%d")
     out = ROOT / "bench" / "results" / f"memory_{gpu}_{stamp}.json"
