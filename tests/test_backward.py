@@ -434,8 +434,8 @@ def test_inspection_covers_backward(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_DUMP_DIR", str(tmp_path / "dump"))
     table = torch.randn(2, 64)
 
-    def bias(score, b, h, q_idx, kv_idx):
-        return score + table[h, q_idx - kv_idx]
+    def bias(score, b, h, q_idx, kv_idx):  # a structure no other test uses: a cache miss
+        return score + 0.918273 * table[h, q_idx - kv_idx]
 
     attn = af.variant(score_mod=bias, mask_mod=lambda b, h, q, kv: q >= kv)
     q = torch.randn(1, 2, 20, 16)

@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from zoo import SCORES
 
 from attnforge.codegen.grad import differentiate
+from attnforge.codegen.passes import run_passes
 from attnforge.dsl import ir
+from attnforge.dsl.api import trace
 from attnforge.dsl.evaluate import evaluate
 from attnforge.dsl.ir import KV_IDX, Q_IDX, SCORE, B, H, Op, const, node
 
@@ -84,7 +87,10 @@ def _check(root, params=(), score=None):
             evaluate(i, env, plain).long().expand_as(out) % got_t[ti].shape[d]
             for d, i in enumerate(load.src[1:])
         ]
-        got_t[ti].index_put_(tuple(idx), contrib, accumulate=True)
+        if idx:
+            got_t[ti].index_put_(tuple(idx), contrib, accumulate=True)
+        else:  # a 0-d tensor
+            got_t[ti] += contrib.sum()
     want_t = [gr for gr in grads[1:]]
     for (ti, got), want in zip(sorted(got_t.items()), want_t):
         want = want if want is not None else torch.zeros_like(got)
@@ -292,3 +298,15 @@ def test_simplified_forms():
 def test_non_float_mod_rejected():
     with pytest.raises(ValueError, match="float"):
         differentiate(n(Op.GE, Q_IDX, KV_IDX))
+
+
+# -- every score mod of the shared zoo (tests/zoo.py), traced and canonicalized as lower() does --
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_zoo_score_derivatives(name):
+    mod = trace(SCORES[name].fn, "score")
+    root = run_passes(mod.ir)
+    if root.dtype is not ir.DType.FLOAT:
+        pytest.skip("mod returns a non-float value")
+    _check(root, list(mod.param_values()))

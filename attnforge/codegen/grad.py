@@ -145,6 +145,8 @@ def div(a: Node, b: Node) -> Node:
         return _to_float(a)
     if a.op is Op.CONST and b.op is Op.CONST:
         return _fold(Op.DIV, a, b)
+    if b.op is Op.CONST and b.arg != 0 and a.op is Op.MUL and a.src[0].op is Op.CONST:
+        return mul(_fold(Op.DIV, a.src[0], b), a.src[1])  # (c1 * x) / c2 -> (c1 / c2) * x
     return node(Op.DIV, a, b)
 
 
@@ -298,7 +300,7 @@ def float_loads(root: Node) -> list[Node]:
 #
 # Holes: ``key``, ``prelude`` (the forward template's imports and math helpers, shared so the two
 # modules cannot drift), ``mods`` (score_mod / mask_mod exactly as in the forward), ``grads``
-# (``score_mod_grad`` and ``captured_grads``), ``param_args`` / ``score_params`` /
+# (``score_mod_with_grad`` and ``captured_grads``), ``param_args`` / ``score_params`` /
 # ``mask_params`` (as in the forward), ``grad_args`` / ``grad_params`` (the gradient buffers).
 
 _PRELUDE_START = "import os"
@@ -441,21 +443,27 @@ def _captured_grads_fn(sg: ScoreGrad | None, score_slots, gslots) -> str:
 
 
 def grad_functions(score: Node | None, score_slots, gslots) -> str:
-    """The generated derivative section of bwd.py: flags, score_mod_grad, captured_grads."""
+    """The generated derivative section of bwd.py: flags, score_mod_with_grad (the modified
+    score and dT/dscore from one shared evaluation), captured_grads."""
+    from .emit import _score_result
     from .render import render_body
 
     sg = score_grad(score) if score is not None else None
     has_score_grad = sg is not None and sg.d_score is not const(1.0)
     flags = f"HAS_SCORE_GRAD = tl.constexpr({has_score_grad})  # False: dT/dscore == 1"
-    score_args = ["score", "b", "h", "q_idx", "kv_idx"] + [a for s in score_slots for a in s.args]
-    if has_score_grad:
-        lines, (expr,) = render_body([sg.d_score], {s.index: s for s in score_slots})
-        d_fn = _jit_def("score_mod_grad", score_args, [*lines, f"return {expr}"])
+    args = ["score", "b", "h", "q_idx", "kv_idx"] + [a for s in score_slots for a in s.args]
+    if sg is None:
+        body = ["# never called (no score_mod)", "return score, 1.0"]
     else:
-        d_fn = _jit_def(
-            "score_mod_grad", score_args, ["# never called (dT/dscore == 1)", "return 1.0"]
-        )
-    parts = (flags, d_fn, _captured_grads_fn(sg, score_slots, gslots))
+        roots = [score, sg.d_score] if has_score_grad else [score]
+        lines, exprs = render_body(roots, {s.index: s for s in score_slots})
+        d_expr = exprs[1] if has_score_grad else "1.0"
+        body = [*lines, f"return {_score_result(exprs[0], score)}, {d_expr}"]
+    parts = (
+        flags,
+        _jit_def("score_mod_with_grad", args, body),
+        _captured_grads_fn(sg, score_slots, gslots),
+    )
     return "\n\n\n".join(p.rstrip("\n") for p in parts)
 
 
