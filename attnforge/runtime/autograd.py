@@ -7,6 +7,11 @@ on ``ctx.call`` (:class:`attnforge.runtime.launch.KernelCall`).
 
 Layout of ``ctx.saved_tensors``: ``(q, k, v, out, lse, *captured_tensors)`` with captured
 tensors in kernel-slot order (``call.lowered.slots`` filtered to ``kind == "tensor"``).
+
+``backward`` runs the generated backward kernels (:func:`attnforge.runtime.launch.launch_bwd`):
+grads for q, k, v, the lse when it was returned, and every captured float tensor that requires
+grad (fp32 atomics, then cast; order-dependent rounding on a GPU).  Double backward
+(``create_graph=True``) raises a RuntimeError.
 """
 
 from __future__ import annotations

@@ -348,10 +348,11 @@ def launch_bwd(
     B, Hq, L, E = q.shape
     Bkv, Hkv, S, Ev = v.shape
     dev = q.device
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # every row of dq, dk, dv is written by exactly one program (zeros where nothing attends)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     buffers, grad_args, bits = _grad_buffers(call, tensors, needs, dev)
     if L == 0 or S == 0 or B * Hq == 0:
-        return dq.zero_(), dk, dv, _cast_grads(buffers, tensors)
+        return dq.zero_(), dk.zero_(), dv.zero_(), _cast_grads(buffers, tensors)
     cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options)
     bm, mod = call.block_mask, call.modules["bwd"]
     q_block, kv_block = bm.BLOCK_SIZE
