@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import Any
 
 import torch
 
@@ -31,8 +32,8 @@ from .mod import Mod
 from .trace import TraceResult, arg_names, def_location, guards_hold, trace_function
 
 __all__ = [
-    "TracedMod", "trace", "score_mod", "mask_mod", "as_mod", "and_masks", "or_masks",
-    "noop_mask",
+    "TracedMod", "trace", "score_mod", "mask_mod", "as_mod", "current_mod", "and_masks",
+    "or_masks", "noop_mask",
 ]
 
 
@@ -165,12 +166,31 @@ def as_mod(obj, kind: str) -> Mod | None:
     """``obj`` as a :class:`Mod` of ``kind``: None stays None, a Mod passes (kind checked), any
     other callable is traced, cached per callable object (re-traced only when a baked value
     changes; parameter values are re-read at every call through ``Mod.param_values()``)."""
+    mod = _lookup(obj, kind)
+    if isinstance(mod, TracedMod):
+        mod.traced()
+    return mod
+
+
+def current_mod(obj, kind: str) -> tuple[Mod | None, Any, tuple]:
+    """``(as_mod(obj, kind), its current IR, its current parameter table)``, checking a traced
+    mod's guards once for all three (the runtime calls this on every attention call).
+    ``(None, None, ())`` for None."""
+    mod = _lookup(obj, kind)
+    if mod is None:
+        return None, None, ()
+    if isinstance(mod, TracedMod):
+        r = mod.traced()
+        return mod, r.ir, r.params
+    return mod, mod.ir, mod.params
+
+
+def _lookup(obj, kind: str) -> Mod | None:
+    """as_mod without the guard check of an already traced mod."""
     if obj is None:
         return None
     if isinstance(obj, Mod):
         _check_kind(obj, kind)
-        if isinstance(obj, TracedMod):
-            obj.traced()
         return obj
     if not callable(obj):
         raise TypeError(f"{kind}_mod must be callable or None, got {type(obj).__name__}")
@@ -187,8 +207,6 @@ def as_mod(obj, kind: str) -> Mod | None:
     mod = per_kind.get(kind)
     if mod is None:
         mod = per_kind[kind] = trace(obj, kind)
-    else:
-        mod.traced()
     return mod
 
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Any
 
 import torch
 
 from ..codegen import lower
-from ..dsl.api import as_mod
+from ..dsl.api import current_mod
 from . import cache, launch, loader
 from .autograd import attention
 from .blockmask import BlockMask
@@ -69,38 +70,32 @@ def flex_attention(
     AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=lse, max_scores=None))`` instead.
     """
     q, k, v = query, key, value
-    _check_tensors(q, k, v, enable_gqa)
+    geo = _geometry(q, k, v, enable_gqa)
     want_lse = _check_aux(return_lse, return_aux)
     options = launch.check_kernel_options(kernel_options)
-    B, Hq, L, E = q.shape
-    S = k.shape[2]
     if block_mask is None:
-        if k.shape[0] not in (1, B):
-            raise ValueError(
-                f"key/value batch Bkv={k.shape[0]} must equal the query batch B={B} or be 1"
-            )
-        block_mask = _full_plan(L, S, q.device)
+        block_mask = geo.full_plan()
     else:
-        block_mask = _check_block_mask(block_mask, q, k)
-    scale = 1.0 / math.sqrt(E) if scale is None else _check_scale(scale)
+        block_mask = _check_block_mask(block_mask, geo)
+    scale = geo.scale if scale is None else _check_scale(scale)
 
-    score = as_mod(score_mod, "score")
-    mask = block_mask.mask_mod
-    lowered = lower(score, mask)
-    scalars, tensors = launch.param_values(lowered, score, mask)
+    score, score_ir, score_params = current_mod(score_mod, "score")
+    mask, mask_ir, mask_params = current_mod(block_mask.mask_mod, "mask")
+    lowered = _lower(score, mask, score_ir, mask_ir)
+    scalars, tensors = launch.slot_values(lowered, score_params, mask_params)
     for t in tensors:
-        if t.device != q.device:
+        if t.device != geo.device:
             raise ValueError(
                 f"a captured tensor is on {t.device} but q is on {q.device}; move the tensor "
                 f"the mod captures to {q.device}"
             )
     call = launch.KernelCall(
-        modules=cache.load_kernels(lowered, loader.device_kind(q.device)),
+        modules=cache.load_kernels(lowered, loader.device_kind(geo.device)),
         lowered=lowered,
         block_mask=block_mask,
         scale=scale,
-        gqa_group=Hq // k.shape[1],
-        config=launch.choose_fwd_config(q, v, block_mask.BLOCK_SIZE, options),
+        gqa_group=geo.gqa_group,
+        config=geo.fwd_config(q, v, block_mask.BLOCK_SIZE, options),
         scalars=scalars,
         return_lse=want_lse,
         options=options,
@@ -109,6 +104,89 @@ def flex_attention(
     if return_aux is not None:
         return out, _aux_output(lse if want_lse else None)
     return (out, lse) if return_lse else out
+
+
+# -- memos on the per-call path (host overhead) ------------------------------------------------
+# Everything below is a pure function of its key; captured values are never memoised (they are
+# re-read through the mods' getters at every call, in ``launch.slot_values``).
+
+_MEMO_LIMIT = 256
+_memo_lock = threading.Lock()
+
+
+def _remember(memo: dict, key, value):
+    with _memo_lock:
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()  # a process cycling through shapes: start over rather than grow
+        memo[key] = value
+    return value
+
+
+class _Geometry:
+    """Shapes, dtype and device of one ``(q, k, v, enable_gqa)`` combination, validated once;
+    holds what depends on nothing else (default scale, all-FULL plan, tile configs)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor):
+        self.B, self.Hq, self.L, self.E = q.shape
+        self.S = k.shape[2]
+        self.Bkv = k.shape[0]
+        self.gqa_group = self.Hq // k.shape[1]
+        self.scale = 1.0 / math.sqrt(self.E)
+        self.device = q.device
+        self._full_plan = None
+        self._configs: dict = {}
+
+    def full_plan(self):
+        if self._full_plan is None:
+            self._full_plan = _full_plan(self.L, self.S, self.device)
+        return self._full_plan
+
+    def fwd_config(self, q, v, block_size: tuple[int, int], options: dict):
+        """``launch.choose_fwd_config``, memoised per block size and kernel_options (it depends
+        on q's and v's shapes, dtype and device only, which this geometry fixes)."""
+        try:
+            key = (block_size, tuple(sorted(options.items())) if options else None)
+            hash(key)
+        except TypeError:  # an unhashable (ignored) FlexAttention option value
+            return launch.choose_fwd_config(q, v, block_size, options)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = _remember(self._configs, key, launch.choose_fwd_config(q, v, block_size, options))
+        return cfg
+
+
+_geometries: dict[tuple, _Geometry] = {}
+
+
+def _geometry(q, k, v, enable_gqa: bool) -> _Geometry:
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)):  # fmt: skip
+        _check_tensors(q, k, v, enable_gqa)  # raises
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+           bool(enable_gqa))  # fmt: skip
+    geo = _geometries.get(key)
+    if geo is None:
+        _check_tensors(q, k, v, enable_gqa)
+        if k.shape[0] not in (1, q.shape[0]):
+            raise ValueError(
+                f"key/value batch Bkv={k.shape[0]} must equal the query batch B={q.shape[0]} "
+                f"or be 1"
+            )
+        geo = _remember(_geometries, key, _Geometry(q, k))
+    return geo
+
+
+_lowered: dict[tuple, Any] = {}
+
+
+def _lower(score, mask, score_ir, mask_ir):
+    """``codegen.lower``, memoised per (score IR, mask IR) node identity: IR nodes are interned,
+    so identity is structural equality, and a re-traced mod brings new nodes."""
+    key = (score_ir, mask_ir)
+    low = _lowered.get(key)
+    if low is None:
+        low = _remember(_lowered, key, lower(score, mask))
+    return low
 
 
 def _check_aux(return_lse: bool, return_aux: Any) -> bool:
@@ -195,17 +273,16 @@ def _check_scale(scale: Any) -> float:
         raise ValueError(f"scale must be a float or None, got {scale!r}") from None
 
 
-def _check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor):
+def _check_block_mask(block_mask: Any, geo: _Geometry):
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
-            block_mask = BlockMask.from_torch(block_mask)  # torch's BlockMask
+            block_mask = _from_torch(block_mask)
         else:
             raise ValueError(
                 f"block_mask must be an attnforge BlockMask (af.create_block_mask) or None, "
                 f"got {type(block_mask).__name__}"
             )
-    B, Hq, L = q.shape[:3]
-    S = k.shape[2]
+    B, Hq, L, S = geo.B, geo.Hq, geo.L, geo.S
     bl, bs = block_mask.seq_lengths
     if L > bl or S > bs:
         raise ValueError(
@@ -213,27 +290,44 @@ def _check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor):
             f"kv_len={S}: the block mask is smaller than the input; create a new block mask "
             f"for these lengths"
         )
-    if (L, S) != (bl, bs):
+    if L != bl or S != bs:
         raise ValueError(
             f"block_mask was created for (Q_LEN, KV_LEN)=({bl}, {bs}) but got q_len={L} and "
             f"kv_len={S}: create a block mask with the lengths you use"
         )
-    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
+    num = block_mask.kv_num_blocks
+    Bm, Hm = num.shape[:2]
     if Bm not in (1, B) or Hm not in (1, Hq):
         raise ValueError(
             f"block_mask has (B, H)=({Bm}, {Hm}); it must be 1 or match the query's "
             f"(B, Hq)=({B}, {Hq})"
         )
-    if k.shape[0] not in (1, B):
+    if num.device != geo.device:
         raise ValueError(
-            f"key/value batch Bkv={k.shape[0]} must equal the query batch B={B} or be 1"
-        )
-    if block_mask.kv_num_blocks.device != q.device:
-        raise ValueError(
-            f"block_mask is on {block_mask.kv_num_blocks.device} but q is on {q.device}; "
-            f"use block_mask.to({str(q.device)!r})"
+            f"block_mask is on {num.device} but q is on {geo.device}; "
+            f"use block_mask.to({str(geo.device)!r})"
         )
     return block_mask
+
+
+_converted: dict[int, tuple] = {}
+
+
+def _from_torch(torch_mask: Any) -> BlockMask:
+    """``BlockMask.from_torch`` (which validates the lists), once per torch BlockMask object and
+    lists; the entry goes when the torch mask does."""
+    src = (torch_mask.kv_num_blocks, torch_mask.kv_indices, torch_mask.full_kv_num_blocks,
+           torch_mask.full_kv_indices, torch_mask.mask_mod)  # fmt: skip
+    hit = _converted.get(id(torch_mask))
+    if hit is not None and hit[0]() is torch_mask and all(a is b for a, b in zip(hit[1], src)):
+        return hit[2]
+    bm = BlockMask.from_torch(torch_mask)
+    try:
+        ref = weakref.ref(torch_mask)
+        weakref.finalize(torch_mask, _converted.pop, id(torch_mask), None)
+    except TypeError:  # not weak-referenceable: convert at every call
+        return bm
+    return _remember(_converted, id(torch_mask), (ref, src, bm))[2]
 
 
 # -- the all-FULL plan used when block_mask is None --------------------------------------------

@@ -125,7 +125,8 @@ def _lookup(name: str) -> Knob:
 
 def get(name: str) -> Any:
     """Current value of knob ``name`` ("ATTNFORGE_DEBUG" or "DEBUG"), parsed to its type."""
-    return _lookup(name).get()
+    knob = _REGISTRY.get(name)  # the full name: no string work (read on every attention call)
+    return (knob or _lookup(name)).get()
 
 
 def all_knobs() -> list[Knob]:

@@ -8,6 +8,7 @@ or cap never generates new source (Triton may still specialise a compile on divi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -128,6 +129,7 @@ def choose_fwd_config(
     )  # fmt: skip
 
 
+@functools.cache
 def head_dim_pad(d: int) -> int:
     return max(_MIN_TILE, 1 << max(0, math.ceil(math.log2(max(d, 1)))))
 
@@ -156,21 +158,32 @@ class KernelCall:
 
 def param_values(lowered, score_mod, mask_mod) -> tuple[dict[int, Any], list[torch.Tensor]]:
     """Current captured values: ``(scalars by slot, tensors in slot order)``."""
+    return slot_values(
+        lowered,
+        score_mod.params if score_mod is not None else (),
+        mask_mod.params if mask_mod is not None else (),
+    )
+
+
+def slot_values(lowered, score_params: tuple, mask_params: tuple) -> tuple[dict, list]:
+    """Like :func:`param_values`, from the mods' parameter tables: every value the kernel
+    reads is re-read now (through its getter), and only those."""
     scalars: dict[int, Any] = {}
     tensors: list[torch.Tensor] = []
-    by_mod = {"score": score_mod, "mask": mask_mod}
-    cache: dict[str, dict] = {}
     for slot in lowered.slots:
-        values = cache.get(slot.mod)
-        if values is None:
-            mod = by_mod[slot.mod]
-            values = cache[slot.mod] = {p.index: p.current() for p in mod.params}
-        v = values[slot.index]
+        v = _param(score_params if slot.mod == "score" else mask_params, slot.index).current()
         if slot.kind == "scalar":
             scalars[slot.slot] = _scalar(v, slot)
         else:
             tensors.append(_tensor(v, slot))
     return scalars, tensors
+
+
+def _param(params: tuple, index: int):
+    # parameters are numbered by position; search only if a table was built otherwise
+    if index < len(params) and params[index].index == index:
+        return params[index]
+    return next(p for p in params if p.index == index)
 
 
 def _scalar(v: Any, slot) -> Any:
@@ -204,6 +217,37 @@ def _bm_strides(t: torch.Tensor) -> list[int]:
     return [0 if (d < 2 and t.shape[d] == 1) else t.stride(d) for d in range(t.dim())]
 
 
+def kv_block_lists(bm) -> tuple:
+    """The forward (and dQ) block lists of a block mask."""
+    return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+
+
+def q_block_lists(bm) -> tuple:
+    """The transposed lists the dK/dV kernel walks."""
+    return bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices
+
+
+def _block_args(bm, lists) -> tuple[tuple, tuple, bool]:
+    """``(tensors, strides, has_full)`` for the kernels' block-list arguments: the four list
+    tensors (PARTIAL twice as dummies when there are no FULL lists: that loop is compiled out)
+    and their broadcasting strides.  Cached on the block mask (host overhead), keyed by the
+    identity of the list tensors, so a reassigned field is picked up."""
+    src = num, idx, fnum, fidx = lists(bm)
+    cache = bm.__dict__.setdefault("_launch_args", {})
+    hit = cache.get(lists)
+    if hit is not None:
+        was = hit[0]
+        if was[0] is num and was[1] is idx and was[2] is fnum and was[3] is fidx:
+            return hit[1]
+    has_full = fnum is not None
+    if not has_full:
+        fnum, fidx = num, idx
+    tensors = (num, idx, fnum, fidx)
+    strides = tuple(s for t in tensors for s in _bm_strides(t))
+    cache[lists] = (src, (tensors, strides, has_full))
+    return tensors, strides, has_full
+
+
 def _param_args(lowered, scalars: dict[int, Any], tensors: list[torch.Tensor]) -> list:
     args: list = []
     it = iter(tensors)
@@ -228,32 +272,36 @@ def launch_fwd(
         return out, lse
     bm, cfg = call.block_mask, call.config
     q_block, kv_block = bm.BLOCK_SIZE
-    num, idx = bm.kv_num_blocks, bm.kv_indices
-    fnum, fidx = bm.full_kv_num_blocks, bm.full_kv_indices
-    has_full = fnum is not None
-    if not has_full:
-        fnum, fidx = num, idx  # dummies: the FULL loop is compiled out
+    lists, bm_strides, has_full = _block_args(bm, kv_block_lists)
     kz = 0 if k.shape[0] == 1 else k.stride(0)
     vz = 0 if v.shape[0] == 1 else v.stride(0)
     grid = (triton_cdiv(L, cfg.BLOCK_M), B * Hq)
     call.modules["fwd"]._attn_fwd[grid](
         q, k, v, out, lse,
-        num, idx, fnum, fidx,
+        *lists,
         *q.stride(),
         kz, *k.stride()[1:],
         vz, *v.stride()[1:],
         *out.stride(),
-        *_bm_strides(num), *_bm_strides(idx), *_bm_strides(fnum), *_bm_strides(fidx),
+        *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
         *_param_args(call.lowered, call.scalars, tensors),
+        **_fwd_constexprs(cfg, E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_constexprs(cfg: FwdConfig, E, Ev, q_block, kv_block, even_kv, has_full, dtype) -> dict:
+    """The forward's constexpr and launch keywords (memoised: host overhead)."""
+    return dict(
         HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
-        EVEN_KV=S % kv_block == 0, HAS_FULL_BLOCKS=has_full,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        EVEN_KV=even_kv, HAS_FULL_BLOCKS=has_full,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out, lse
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -328,14 +376,6 @@ def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) ->
     return buffers, args, bits
 
 
-def _q_lists(bm) -> tuple:
-    num, idx = bm.q_num_blocks, bm.q_indices
-    fnum, fidx = bm.full_q_num_blocks, bm.full_q_indices
-    if fnum is None:
-        return num, idx, num, idx, False  # dummies: the FULL loop is compiled out
-    return num, idx, fnum, fidx, True
-
-
 def launch_bwd(
     call: KernelCall,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -376,29 +416,25 @@ def launch_bwd(
         HEAD_DIM_V=Ev, HEAD_DIM_V_PAD=head_dim_pad(Ev), BLOCK_M=cfg.BLOCK_M2, HAS_DLSE=has_dlse,
     )  # fmt: skip
     # -- dK, dV over the transposed lists (k/v broadcast over the batch: loop inside) --
-    qn, qi, fqn, fqi, has_full_q = _q_lists(bm)
+    q_lists, q_strides, has_full_q = _block_args(bm, q_block_lists)
     z_per_kv = B if Bkv == 1 else 1
     mod._attn_bwd_dkdv[(triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv)](
         q, k, v, d_out, dk, dv, lse, delta,
-        qn, qi, fqn, fqi,
+        *q_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(),
         *dk.stride(), *dv.stride(),
-        *_bm_strides(qn), *_bm_strides(qi), *_bm_strides(fqn), *_bm_strides(fqi),
+        *q_strides,
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
         *params,
         BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q, **consts,
     )  # fmt: skip
     # -- dQ and captured-tensor gradients over the forward lists --
-    num, idx = bm.kv_num_blocks, bm.kv_indices
-    fnum, fidx = bm.full_kv_num_blocks, bm.full_kv_indices
-    has_full = fnum is not None
-    if not has_full:
-        fnum, fidx = num, idx
+    kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
     mod._attn_bwd_dq[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](
         q, k, v, d_out, dq, lse, delta,
-        num, idx, fnum, fidx,
+        *kv_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(), *dq.stride(),
-        *_bm_strides(num), *_bm_strides(idx), *_bm_strides(fnum), *_bm_strides(fidx),
+        *kv_strides,
         Hq, call.gqa_group, L, S, call.scale,
         *params, *grad_args,
         BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, HAS_FULL_BLOCKS=has_full,

@@ -260,16 +260,32 @@ def triton_library_interpreted() -> bool:
     return isinstance(getattr(tl, "cdiv", None), InterpretedFunction)
 
 
+_kinds: dict = {}
+
+
 def device_kind(device) -> str:
     """Cache/loader label of a torch device: ``"cpu-interp"``, ``"cuda-sm90"``,
-    ``"cuda-sm90-interp"`` (ATTNFORGE_INTERPRET=1, or triton imported in interpreter mode)."""
+    ``"cuda-sm90-interp"`` (ATTNFORGE_INTERPRET=1, or triton imported in interpreter mode).
+    Memoised per (device, ATTNFORGE_INTERPRET text): it runs on every attention call."""
+    if getattr(device, "type", None) == "cpu":
+        return "cpu-interp"
     import torch
-
-    from . import knobs
 
     device = torch.device(device)
     if device.type == "cpu":
         return "cpu-interp"
+    key = (device, os.environ.get("ATTNFORGE_INTERPRET"))
+    kind = _kinds.get(key)
+    if kind is None:
+        kind = _kinds[key] = _device_kind(device)
+    return kind
+
+
+def _device_kind(device) -> str:
+    import torch
+
+    from . import knobs
+
     if device.type != "cuda":
         raise ValueError(
             f"attnforge runs on CPU (Triton interpreter) or CUDA tensors, got device {device}; "

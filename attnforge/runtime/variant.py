@@ -31,6 +31,7 @@ lse (B, Hq, L).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -249,10 +250,12 @@ class Variant:
         from .blockmask import create_block_mask
 
         # Broadcast over batch/heads unless the mask reads b/h: one map serves every (b, h).
-        B = B if uses(self._mask.ir, Op.B) else None
-        H = H if uses(self._mask.ir, Op.H) else None
+        ir = self._mask.ir
+        reads_b, reads_h = _reads_b_h(ir)
+        B = B if reads_b else None
+        H = H if reads_h else None
         values = self._mask.param_values()
-        key = (self._mask.ir, B, H, L, S, str(device), self.block_size, _values_key(values))
+        key = (ir, B, H, L, S, device, self.block_size, _values_key(values))
         masks = self._shared.masks
         with self._shared.lock:
             hit = masks.get(key)
@@ -281,6 +284,12 @@ class _Shared:
         self.lock = threading.RLock()
         self.lowered = None
         self.masks: OrderedDict = OrderedDict()
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_b_h(ir: Node) -> tuple[bool, bool]:
+    """Whether a mask reads the batch / head index (an IR walk: memoised per interned node)."""
+    return uses(ir, Op.B), uses(ir, Op.H)
 
 
 def _tensors(values) -> tuple:

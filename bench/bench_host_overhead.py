@@ -1,0 +1,168 @@
+"""Host (Python) overhead of one ``af.flex_attention`` call, with the kernel launch stubbed out.
+
+Runs on CPU: every generated kernel (``_attn_fwd``, ``_attn_bwd_*``) is replaced by a no-op
+that still takes ``kernel[grid](*args, **kwargs)``, so what is timed is exactly the work
+attnforge does around the launch (argument checks, mod lookup, lowering/cache lookups, config,
+argument lists, autograd).  Triton's own launch cost (``JITFunction.run`` binding and
+specialising the arguments) comes on top on a GPU and is not measured here.
+
+    PYTHONPATH=. python bench/bench_host_overhead.py            # table of µs per call
+    PYTHONPATH=. python bench/bench_host_overhead.py --profile "causal grad"   # cProfile a row
+
+Cases: no mods; causal block mask (cached); ALiBi score mod reading a captured slopes tensor;
+a text-spec variant ``attn(q, k, v)`` (softcap + causal); each with and without
+``requires_grad`` on q, k, v (forward only; ``fwd+bwd`` rows also run the stubbed backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import gc
+import pstats
+import time
+
+import torch
+
+import attnforge as af
+from attnforge.runtime import cache
+
+_KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``k[grid](...)`` does nothing."""
+
+    @staticmethod
+    def _run(*args, **kwargs):
+        return None
+
+    def __getitem__(self, grid):
+        return self._run
+
+
+def _inputs(B, H, L, D, dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, L, D, generator=g, dtype=dtype).requires_grad_(requires_grad)
+            for _ in range(3)]  # fmt: skip
+
+
+def _cases(B, H, L, D, dtype):
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    slopes = torch.exp2(-torch.arange(1, H + 1, dtype=torch.float32) * 8.0 / H)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    bm = af.create_block_mask(causal, None, None, L, L, device="cpu")
+    spec = af.parse_spec(
+        "variant softcap_causal(cap = 30.0):\n"
+        "    score = cap * tanh(score / cap)\n"
+        "    mask = q_idx >= kv_idx\n"
+    )["softcap_causal"]
+    return {
+        "noop": lambda q, k, v: af.flex_attention(q, k, v),
+        "causal": lambda q, k, v: af.flex_attention(q, k, v, block_mask=bm),
+        "alibi+causal": lambda q, k, v: af.flex_attention(q, k, v, score_mod=alibi, block_mask=bm),
+        "spec attn(q,k,v)": lambda q, k, v: spec(q, k, v),
+    }
+
+
+def time_call(fn, n: int, repeats: int = 7) -> float:
+    """Best over ``repeats`` of the mean µs per call of ``n`` calls (the minimum: the machine
+    is shared, and interference only ever adds time)."""
+    for _ in range(min(n, 50)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / n / 1e3)
+    return min(samples)
+
+
+def _fwd_bwd(run, q, k, v):
+    d_out = torch.ones(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+
+    def go():
+        # autograd.grad, not backward: no accumulation into .grad (CPU math, not host work)
+        torch.autograd.grad(run(q, k, v), (q, k, v), d_out)
+
+    return go
+
+
+def _runners(args) -> dict:
+    """Row label -> zero-argument callable, for every case with and without requires_grad."""
+    cases = _cases(args.B, args.H, args.L, args.D, args.dtype)
+    rows = {}
+    for grad in (False, True):
+        q, k, v = _inputs(args.B, args.H, args.L, args.D, args.dtype, grad)
+        for name, run in cases.items():
+            rows[f"{name}{' grad' if grad else ''}"] = functools.partial(run, q, k, v)
+            if grad and args.backward:
+                rows[f"{name} fwd+bwd"] = _fwd_bwd(run, q, k, v)
+    return rows
+
+
+def measure(args) -> list[tuple[str, float]]:
+    return [(label, time_call(fn, args.n // 4 if "bwd" in label else args.n))
+            for label, fn in _runners(args).items()]  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # small tensors: on CPU, allocating out/lse (and dq/dk/dv) is real work, on a GPU it is not
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--L", type=int, default=512)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("-n", type=int, default=1000, help="calls per sample")
+    p.add_argument("--no-backward", dest="backward", action="store_false")
+    p.add_argument("--profile", metavar="ROW", help="cProfile one row (its label) instead")
+    args = p.parse_args()
+    args.dtype = getattr(torch, args.dtype)
+    _patch_loader()  # before the first call: kernels are loaded, stubbed, never run
+    if args.profile:
+        return profile(args)
+    rows = measure(args)
+    print(f"host overhead per call, kernel launch stubbed (torch {torch.__version__}, "
+          f"B={args.B} H={args.H} L=S={args.L} D={args.D} {args.dtype})")  # fmt: skip
+    for label, us in rows:
+        print(f"  {label:<26} {us:8.1f} µs")
+
+
+def _patch_loader() -> None:
+    """Stub the kernels of every module as soon as the cache loads it, so nothing really runs."""
+    original = cache._load_or_build
+
+    def load(lowered, device_kind):
+        modules = original(lowered, device_kind)
+        for mod in modules.values():
+            for name in _KERNELS:
+                if hasattr(mod, name):
+                    setattr(mod, name, _NoLaunch())
+        return modules
+
+    cache._load_or_build = load
+
+
+def profile(args) -> None:
+    fn = _runners(args)[args.profile]
+    for _ in range(100):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.n):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
