@@ -641,3 +641,46 @@ def test_gpu_matches_cpu_interpreter(dtype):
                                                             device="cuda"))  # fmt: skip
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (cpu.float() - gpu.cpu().float()).abs().max().item() < tol
+
+
+def _tanh_probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X, Y, N, TANH: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0)
+        tl.store(Y + offs, TANH(x), mask=offs < N)
+
+    return probe
+
+
+@pytest.mark.gpu
+def test_gpu_fast_tanh_accuracy():
+    # compiled kernels use PTX tanh.approx.f32 (one special-function op instead of libdevice's
+    # ~20 instructions); PTX documents a max relative error of 2**-10.99: pin that, plus the
+    # exact points softcap relies on (0, +-inf saturate to +-1, no NaN)
+    from attnforge.runtime.cache import load_kernels
+    from attnforge.runtime.loader import device_kind
+
+    dev = torch.device("cuda")
+    fwd = load_kernels(lower(as_mod(softcap, "score"), None), device_kind(dev))["fwd"]
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, 88.0, -88.0, math.inf, -math.inf])
+    x = torch.cat([torch.linspace(-12.0, 12.0, 1 << 20), torch.randn(1 << 16) * 3, special])
+    x = x.to(dev)
+    y = torch.full_like(x, float("nan"))
+    _tanh_probe_kernel()[(triton_cdiv(x.numel(), 1024),)](x, y, x.numel(), TANH=fwd._tanh,
+                                                          BLOCK=1024)  # fmt: skip
+    want = torch.tanh(x.double())
+    assert not torch.isnan(y).any()
+    err = (y.double() - want).abs()
+    big = want.abs() > 1e-6  # denormal-range inputs may flush to zero: absolute error there
+    rel = (err[big] / want[big].abs()).max().item()
+    assert rel <= 2.0**-10.5, f"tanh.approx relative error {rel:.3g}"
+    assert err[~big].max().item() <= 1e-6
+    assert y[-2].item() == 1.0 and y[-1].item() == -1.0
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

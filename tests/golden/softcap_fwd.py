@@ -37,7 +37,8 @@
 #   s<i>              captured scalar parameter in slot i (a runtime argument, never constexpr)
 #   T<i>              captured tensor in slot i, with T<i>_size<d> and stride_t<i>_<d>
 #   q_idx, kv_idx     absolute query row [BLOCK_M, 1] and key column [1, BLOCK_N] (int32)
-#   start_m, off_zh   program ids: query tile, batch * H + head; off_z, off_h, off_hkv follow
+#   start_m, off_zh   query tile (program id 0, reversed: heavy tiles first), batch * H + head;
+#                     off_z, off_h, off_hkv follow
 #   offs_m, offs_n    absolute row / column indices of the tile; offs_d, offs_dv feature dims
 #   sparse_m          the BlockMask row (q block) of this tile
 #   TILES_PER_BLOCK   SPARSE_KV_BLOCK // BLOCK_N steps per listed kv block
@@ -135,7 +136,6 @@ if _INTERPRET:
         return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
 
 else:
-    from triton.language.extra import libdevice
 
     @triton.jit
     def _trip_count(n):
@@ -145,9 +145,13 @@ else:
     def _mma_in(x):
         return x
 
-    @_device_fn
+    @triton.jit
     def _tanh(x):
-        return libdevice.tanh(x)
+        # PTX tanh.approx.f32 (sm_75+): one special-function op, max relative error 2**-10.99.
+        # libdevice's accurate tanh is ~20 instructions per score and makes softcap kernels
+        # ALU-bound (tests/test_forward.py pins the error)
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 # -- generated: score_mod, mask_mod and what the kernels need to know about them --
@@ -195,9 +199,9 @@ def _attn_fwd_inner(
     v_offs = (offs_t * stride_vn)[:, None] + (offs_dv * stride_vk)[None, :]
     q_idx = offs_m[:, None]
     qk_scale = sm_scale * LOG2E
-    for it in range(0, _trip_count(num_blocks) * TILES_PER_BLOCK):
-        kv_block = tl.load(BLK_IDX + (it // TILES_PER_BLOCK) * stride_blk)
-        start_n = kv_block * SPARSE_KV_BLOCK + (it % TILES_PER_BLOCK) * BLOCK_N
+    n_tiles = _trip_count(num_blocks) * TILES_PER_BLOCK
+    start_n = tl.load(BLK_IDX, mask=num_blocks > 0, other=0) * SPARSE_KV_BLOCK
+    for it in range(0, n_tiles):
         offs_n = start_n + offs_t
         kv_idx = offs_n[None, :]
         # -- qk = q @ k^T --
@@ -228,6 +232,12 @@ def _attn_fwd_inner(
         acc = acc * alpha[:, None]
         acc = tl.dot(_mma_in(p.to(v.dtype)), _mma_in(v), acc, input_precision=DOT_PRECISION)
         m_i = m_ij
+        # -- next tile: this kv block's next BLOCK_N columns or the next listed block; its
+        #    index is read one step ahead, so no K/V address waits on a load (pipelining) --
+        nxt = it + 1
+        kv_block = tl.load(BLK_IDX + (nxt // TILES_PER_BLOCK) * stride_blk, mask=nxt < n_tiles,
+                           other=0)
+        start_n = kv_block * SPARSE_KV_BLOCK + (nxt % TILES_PER_BLOCK) * BLOCK_N
     return acc, l_i, m_i
 
 
@@ -265,7 +275,10 @@ def _attn_fwd(
     EVEN_KV: tl.constexpr, HAS_FULL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # -- program -> (query tile, batch, head) --
-    start_m = tl.program_id(0)
+    # heaviest query tiles first (longest-processing-time order): under a causal mask the last
+    # tiles visit the most kv blocks, and starting them first shortens the tail of the grid;
+    # tiles of one head stay adjacent, so their K and V are shared in L2
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_zh = tl.program_id(1)
     off_z = off_zh // H
     off_h = off_zh % H
