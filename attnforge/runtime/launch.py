@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 __all__ = [
     "FwdConfig",
@@ -87,10 +88,12 @@ def _default_fwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
         return FwdConfig(64, 64, 4, 1)
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if head_dim_pad <= 128 else FwdConfig(32, 32, 4, 1)
+    # 16-bit, measured on H100 (bench/NOTES.md, bench/tune.py): D=64 prefers narrow kv tiles and
+    # a deeper pipeline, D=128 full 128x128 tiles (fewer online-softmax rescales per key)
     if head_dim_pad <= 64:
-        return FwdConfig(128, 64, 4, 3)
+        return FwdConfig(128, 64, 4, 4)
     if head_dim_pad <= 128:
-        return FwdConfig(128, 64, 8, 3)
+        return FwdConfig(128, 128, 8, 3)
     return FwdConfig(64, 32, 4, 2)
 
 
@@ -275,8 +278,8 @@ def launch_fwd(
     lists, bm_strides, has_full = _block_args(bm, kv_block_lists)
     kz = 0 if k.shape[0] == 1 else k.stride(0)
     vz = 0 if v.shape[0] == 1 else v.stride(0)
-    grid = (triton_cdiv(L, cfg.BLOCK_M), B * Hq)
-    call.modules["fwd"]._attn_fwd[grid](
+    kernel = call.modules["fwd"]._attn_fwd
+    args = (
         q, k, v, out, lse,
         *lists,
         *q.stride(),
@@ -286,9 +289,37 @@ def launch_fwd(
         *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
         *_param_args(call.lowered, call.scalars, tensors),
-        **_fwd_constexprs(cfg, E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype),
     )  # fmt: skip
-    return out, lse
+    shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype)
+    cfg = _FWD_SHRUNK.get((id(kernel), cfg, shape_key), (None, cfg))[1]
+    while True:
+        try:
+            kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
+            return out, lse
+        except OutOfResources:
+            smaller = None if _FWD_TILE_KEYS & call.options.keys() else _smaller_fwd(cfg)
+            if smaller is None:
+                raise
+            _FWD_SHRUNK[(id(kernel), call.config, shape_key)] = (kernel, smaller)
+            cfg = smaller
+
+
+# The default tiles fill the shared memory with the K/V pipeline; a score/mask mod that needs
+# scratch of its own (gathers from captured tensors, say) can push a compile past the limit.
+# Then the launch retries with narrower kv tiles, then fewer stages, and remembers the result
+# per kernel (the kernel is kept alive in the value, so its id is not reused).
+_FWD_SHRUNK: dict = {}
+_FWD_TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"})
+
+
+def _smaller_fwd(cfg: FwdConfig) -> FwdConfig | None:
+    if cfg.BLOCK_N > 64:
+        return replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+    if cfg.num_stages > 2:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.BLOCK_N > _MIN_TILE:
+        return replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+    return None
 
 
 @functools.lru_cache(maxsize=256)
