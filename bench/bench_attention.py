@@ -92,6 +92,23 @@ def make_variant(name: str, H: int, S: int, device: str):
     raise ValueError(name)
 
 
+def allow_recompiles() -> None:
+    """Every (variant, S, D) is a new FlexAttention compile of the same function: past dynamo's
+    recompile limit (8) flex silently falls back to dense eager math (and runs out of memory at
+    S=8192), so lift the limit for the benchmark."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in (
+        "recompile_limit",
+        "cache_size_limit",
+        "accumulated_recompile_limit",
+        "accumulated_cache_size_limit",
+    ):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+
+
 # -- timing --------------------------------------------------------------------------------------
 
 
@@ -347,6 +364,7 @@ def main(argv=None):
 
     import triton
 
+    allow_recompiles()
     rows: list[dict] = []
     for S in args.S:
         B = 1 if S >= 32768 else args.B
