@@ -369,6 +369,39 @@ def test_loader_builds_interpreted_and_compiled_modules_side_by_side(tmp_path):
     _check_fwd(interp)
 
 
+# A scalar condition (per program: the batch index) and a block condition in one load mask, as
+# the generated loads of captured tensors have: the interpreter used to splat the scalar as int32
+# data, which triton 3.9's masked load rejects ("mask has unsupported dtype").
+ROW_GATHER = """\
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel(T, Y, ROWS, COLS, stride_t, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)[None, :]
+    x = tl.load(T + b * stride_t + offs, mask=(b < ROWS) & (offs < COLS), other=-1.0)
+    tl.store(Y + b * BLOCK + offs, x)
+"""
+
+
+def test_interpreted_load_mask_of_scalar_and_block_conditions(tmp_path):
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    path = tmp_path / "gather.py"
+    path.write_text(ROW_GATHER)
+    mod = loader.load_module(path, "attnforge_test.gather", interpret=True)
+    splat = InterpreterBuilder.create_splat
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    y = torch.zeros(4, 8)
+    mod.kernel[(4,)](t, y, 3, 4, t.stride(0), BLOCK=8)
+    want = torch.full((4, 8), -1.0)
+    want[:3, :4] = t
+    torch.testing.assert_close(y, want)
+    assert InterpreterBuilder.create_splat is splat  # the launch's interpreter fix is scoped
+
+
 def test_loader_honours_and_restores_triton_knob_override(tmp_path):
     triton_knobs = pytest.importorskip("triton.knobs")
     from triton.runtime.interpreter import InterpretedFunction

@@ -231,6 +231,43 @@ def _language_restored():
                     setattr(ns, name, value)
 
 
+@contextlib.contextmanager
+def _bool_splats():
+    """Make the interpreter's splat of a scalar to an ``int1`` block hold bools.
+
+    The interpreter tags a comparison's result with the operand dtype (``b < n`` on int32 is
+    bool data tagged int32), and splatting a scalar fills the block with the *tag's* dtype, so
+    ``(b < T0_size0) & (kv_idx < T0_size1)`` (a scalar and a block condition, as captured-tensor
+    loads have) becomes int32 0/1 data typed int1. triton 3.6's masked load accepted that;
+    triton 3.9's rejects it ("mask has unsupported dtype"). A splat whose result type is int1
+    holding bools is right whatever the version, so this needs no version test; if the builder
+    has no ``create_splat`` (another interpreter design) nothing is patched.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except ImportError:  # pragma: no cover - a triton without this interpreter
+        yield
+        return
+    original = InterpreterBuilder.__dict__.get("create_splat")
+    if original is None:  # pragma: no cover
+        yield
+        return
+
+    def create_splat(self, ret_ty, arg):
+        out = original(self, ret_ty, arg)
+        if ret_ty.scalar == tl.int1 and out.data.dtype != np.bool_:
+            return TensorHandle(out.data.astype(np.bool_), tl.int1)
+        return out
+
+    InterpreterBuilder.create_splat = create_splat
+    try:
+        yield
+    finally:
+        InterpreterBuilder.create_splat = original
+
+
 def _self_contained_class(base):
     cls = _CLASS_CACHE.get(base)
     if cls is None:
@@ -238,7 +275,8 @@ def _self_contained_class(base):
         class SelfContainedInterpretedFunction(base):
             def run(self, *args, **kwargs):
                 with _LOCK, triton_interpret(True), _jit_calls_interpreted(), _language_restored():
-                    return super().run(*args, **kwargs)
+                    with _bool_splats():
+                        return super().run(*args, **kwargs)
 
         cls = _CLASS_CACHE[base] = SelfContainedInterpretedFunction
     return cls
