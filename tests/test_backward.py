@@ -358,6 +358,53 @@ def test_backward_kernel_options():
     run_case(BY_NAME["rel_bias_causal"], Shape(L=50, S=70, block=(32, 32)), kernel_options=tiles)
 
 
+def _fake_launch(max_tile: int):
+    """A stand-in kernel that runs only when its dK/dV tiles fit ``max_tile`` (the way Triton
+    refuses an over-large binary), recording the configs it was asked to run."""
+    from triton.runtime.errors import OutOfResources
+
+    seen: list = []
+
+    def run(cfg):
+        seen.append(cfg)
+        if cfg.BLOCK_M1 * cfg.num_stages > max_tile:
+            raise OutOfResources(cfg.BLOCK_M1 * cfg.num_stages, max_tile, "shared memory")
+
+    return run, seen
+
+
+def test_shrink_on_out_of_resources_is_remembered_and_keeps_user_tiles():
+    from attnforge.runtime import launch
+
+    kernel, start = object(), launch.BwdConfig(64, 128, 128, 64, 8, 2)
+    run, seen = _fake_launch(max_tile=64)
+    got = launch.launch_shrinking(kernel, start, ("k",), {}, launch._DKDV_SHRINK, run)
+    assert got == launch.BwdConfig(32, 128, 128, 64, 8, 2)  # inner tile halved first
+    assert len(seen) == 2
+    # the second launch of the same kernel/shape class goes straight to the working config
+    assert launch.launch_shrinking(kernel, start, ("k",), {}, launch._DKDV_SHRINK, run) == got
+    assert len(seen) == 3
+    # a user-set tile is never changed: the stages shrink instead ...
+    run, seen = _fake_launch(max_tile=64)
+    opts = {"BLOCK_M1": 64}
+    got = launch.launch_shrinking(kernel, start, ("k",), opts, launch._DKDV_SHRINK, run)
+    assert got == launch.BwdConfig(64, 128, 128, 64, 8, 1)
+    # ... and when nothing else can shrink, the error names the options to change
+    run, _ = _fake_launch(max_tile=32)
+    opts = {"BLOCK_M1": 64, "num_stages": 2}
+    with pytest.raises(ValueError, match=r"kernel_options \['BLOCK_M1', 'num_stages'\]"):
+        launch.launch_shrinking(kernel, start, ("k",), opts, launch._DKDV_SHRINK, run)
+
+
+def test_default_backward_tiles_follow_measurements():
+    from attnforge.runtime.launch import BwdConfig, _default_bwd
+
+    cuda = torch.device("cuda")
+    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 2)
+    assert _default_bwd(cuda, torch.float16, 64) == BwdConfig(64, 64, 64, 64, 4, 3)
+    assert _default_bwd(torch.device("cpu"), torch.float32, 64).num_stages == 1
+
+
 def test_custom_scale():
     run_case(BY_NAME["softcap_causal"], Shape(), scale=0.37)
 

@@ -291,35 +291,71 @@ def launch_fwd(
         *_param_args(call.lowered, call.scalars, tensors),
     )  # fmt: skip
     shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype)
-    cfg = _FWD_SHRUNK.get((id(kernel), cfg, shape_key), (None, cfg))[1]
+
+    def run(cfg: FwdConfig) -> None:
+        kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
+
+    launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
+    return out, lse
+
+
+# -- shrink-and-retry on shared-memory overflow -------------------------------------------------
+# The default tiles fill the shared memory with the pipelined tiles; a score/mask mod that needs
+# scratch of its own (gathers from captured tensors, say) can push a compile past the limit
+# (Triton raises OutOfResources when it loads the binary, before anything runs).  Then the
+# launch retries with a smaller config, one step of the kernel's plan at a time, and remembers
+# the config that worked per (kernel, requested config, shape class).  The kernel is kept alive
+# in the value, so its id is not reused.  Fields the user set in kernel_options never change.
+_SHRUNK: dict = {}
+
+# (field, floor) steps, tried in order: tiles halve, num_stages drops by one.  Narrow the
+# inner-loop tile first (it is what the pipeline stages multiply), then the stages, then the rest.
+_FWD_SHRINK = (("BLOCK_N", 64), ("num_stages", 2), ("BLOCK_N", _MIN_TILE))
+_DKDV_SHRINK = (("BLOCK_M1", 32), ("num_stages", 1), ("BLOCK_M1", _MIN_TILE),
+                ("BLOCK_N1", _MIN_TILE))  # fmt: skip
+_DQ_SHRINK = (("BLOCK_N2", 32), ("num_stages", 1), ("BLOCK_N2", _MIN_TILE),
+              ("BLOCK_M2", _MIN_TILE))  # fmt: skip
+
+
+def _shrink(cfg, plan: tuple, fixed) -> Any:
+    """The next smaller config along ``plan`` leaving ``fixed`` fields alone, or None."""
+    for name, floor in plan:
+        value = getattr(cfg, name)
+        if name not in fixed and value > floor:
+            return replace(cfg, **{name: value - 1 if name == "num_stages" else value // 2})
+    return None
+
+
+def launch_shrinking(kernel, cfg, shape_key: tuple, options: dict, plan: tuple, run) -> Any:
+    """``run(cfg)`` with the config remembered for this kernel/shape class, shrinking along
+    ``plan`` while Triton reports OutOfResources; returns the config that ran."""
+    fixed = frozenset(options).intersection(f for f, _ in plan)
+    key = (id(kernel), cfg, shape_key, fixed)
+    tried = cfg = _SHRUNK.get(key, (None, cfg))[1]
     while True:
         try:
-            kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
-            return out, lse
-        except OutOfResources:
-            smaller = None if _FWD_TILE_KEYS & call.options.keys() else _smaller_fwd(cfg)
+            run(cfg)
+            return cfg
+        except OutOfResources as e:
+            smaller = _shrink(cfg, plan, fixed)
             if smaller is None:
-                raise
-            _FWD_SHRUNK[(id(kernel), call.config, shape_key)] = (kernel, smaller)
+                raise _too_big(kernel, tried, cfg, fixed, e) from e
+            _SHRUNK[key] = (kernel, smaller)
             cfg = smaller
 
 
-# The default tiles fill the shared memory with the K/V pipeline; a score/mask mod that needs
-# scratch of its own (gathers from captured tensors, say) can push a compile past the limit.
-# Then the launch retries with narrower kv tiles, then fewer stages, and remembers the result
-# per kernel (the kernel is kept alive in the value, so its id is not reused).
-_FWD_SHRUNK: dict = {}
-_FWD_TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"})
-
-
-def _smaller_fwd(cfg: FwdConfig) -> FwdConfig | None:
-    if cfg.BLOCK_N > 64:
-        return replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
-    if cfg.num_stages > 2:
-        return replace(cfg, num_stages=cfg.num_stages - 1)
-    if cfg.BLOCK_N > _MIN_TILE:
-        return replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
-    return None
+def _too_big(kernel, first, last, fixed: frozenset, err: Exception) -> ValueError:
+    name = getattr(kernel, "__name__", getattr(getattr(kernel, "fn", None), "__name__", "kernel"))
+    how = f"tried {first} down to {last}" if first != last else f"tried {last}"
+    fix = (
+        f"choose smaller values for the kernel_options {sorted(fixed)} (or leave them out "
+        "so attnforge can shrink them)"
+        if fixed
+        else "use a smaller head dim"
+    )
+    return ValueError(
+        f"{name} needs more GPU resources than the device has ({err}); {how}; fix: {fix}"
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -359,9 +395,13 @@ def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
         return BwdConfig(64, 64, 64, 64, 4, 1)  # interpreter: few, large tiles
     if dtype == torch.float32:
         return BwdConfig(32, 64, 64, 32, 4, 1)
+    # 16-bit, measured on H100 (bench/NOTES.md): 64-row dK/dV and 64-key dQ inner steps; a mod
+    # whose scratch overflows the shared memory shrinks them back (launch_shrinking)
     if head_dim_pad <= 64:
-        return BwdConfig(32, 128, 128, 32, 4, 3)
-    return BwdConfig(32, 128, 128, 32, 8, 2)
+        return BwdConfig(64, 64, 64, 64, 4, 3)
+    if head_dim_pad <= 128:
+        return BwdConfig(64, 128, 128, 64, 8, 2)
+    return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
 def choose_bwd_config(
@@ -428,12 +468,12 @@ def launch_bwd(
     bm, mod = call.block_mask, call.modules["bwd"]
     q_block, kv_block = bm.BLOCK_SIZE
     params = _param_args(call.lowered, call.scalars, tensors)
+    even = (L % q_block == 0, S % kv_block == 0)
+    shape_key = (E, Ev, q_block, kv_block, *even, q.dtype)
     consts = dict(
         HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
-        SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
-        EVEN_Q=L % q_block == 0, EVEN_KV=S % kv_block == 0,
+        SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block, EVEN_Q=even[0], EVEN_KV=even[1],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     kz = 0 if Bkv == 1 else k.stride(0)
     vz = 0 if Bkv == 1 else v.stride(0)
@@ -449,7 +489,8 @@ def launch_bwd(
     # -- dK, dV over the transposed lists (k/v broadcast over the batch: loop inside) --
     q_lists, q_strides, has_full_q = _block_args(bm, q_block_lists)
     z_per_kv = B if Bkv == 1 else 1
-    mod._attn_bwd_dkdv[(triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv)](
+    dkdv = mod._attn_bwd_dkdv
+    dkdv_args = (
         q, k, v, d_out, dk, dv, lse, delta,
         *q_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(),
@@ -457,20 +498,36 @@ def launch_bwd(
         *q_strides,
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
         *params,
-        BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q, **consts,
     )  # fmt: skip
-    # -- dQ and captured-tensor gradients over the forward lists --
+
+    def run_dkdv(c: BwdConfig) -> None:
+        dkdv[(triton_cdiv(S, c.BLOCK_N1), Bkv * Hkv)](
+            *dkdv_args, BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
+            num_warps=c.num_warps, num_stages=c.num_stages, **consts,
+        )  # fmt: skip
+
+    launch_shrinking(dkdv, cfg, (*shape_key, has_full_q), call.options, _DKDV_SHRINK, run_dkdv)
+    # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
+    #    safe for the atomics: it is raised when the binary loads, before anything runs) --
     kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
-    mod._attn_bwd_dq[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](
+    dq_kernel = mod._attn_bwd_dq
+    dq_args = (
         q, k, v, d_out, dq, lse, delta,
         *kv_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(), *dq.stride(),
         *kv_strides,
         Hq, call.gqa_group, L, S, call.scale,
         *params, *grad_args,
-        BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
-        TENSOR_GRADS=bits, **consts,
     )  # fmt: skip
+
+    def run_dq(c: BwdConfig) -> None:
+        dq_kernel[(triton_cdiv(L, c.BLOCK_M2), B * Hq)](
+            *dq_args, BLOCK_M=c.BLOCK_M2, BLOCK_N=c.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
+            TENSOR_GRADS=bits, num_warps=c.num_warps, num_stages=c.num_stages, **consts,
+        )  # fmt: skip
+
+    launch_shrinking(dq_kernel, cfg, (*shape_key, has_full, bits), call.options, _DQ_SHRINK,
+                     run_dq)  # fmt: skip
     return dq, dk, dv, _cast_grads(buffers, tensors)
 
 
