@@ -108,6 +108,13 @@ _declare(
     "write ir.txt, fwd.py, bwd.py and meta.json of every kernel loaded to <dir>/<key>/",
 )
 _declare(
+    "ATTNFORGE_PARALLEL_COMPILE",
+    "bool",
+    True,
+    "compile the backward's GPU kernels concurrently on their first call (Triton's ptxas and C++ "
+    "passes overlap); 0 compiles them one by one at launch",
+)
+_declare(
     "ATTNFORGE_INTERPRET",
     "bool",
     False,

@@ -344,6 +344,70 @@ def launch_shrinking(kernel, cfg, shape_key: tuple, options: dict, plan: tuple, 
             cfg = smaller
 
 
+# -- concurrent first compiles -------------------------------------------------------------------
+# A new variant's backward compiles three kernels.  Triton spends most of a compile in C++ passes
+# and the ptxas subprocess, so compiling them on threads overlaps most of it.  Triton >= 3.4 has
+# the hook for that (``AsyncCompileMode``: ``kernel.warmup`` inside it submits the compile to an
+# executor; leaving the block waits for all and fills each kernel's cache).  Older Triton, the
+# interpreter, a user's own AsyncCompileMode or any failure: the launches compile as before.
+_PRECOMPILED: set = set()
+
+
+def _async_compile_mode():
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return None
+    return AsyncCompileMode
+
+
+def precompile(options: dict, jobs: list) -> None:
+    """Compile ``jobs`` = ``[(kernel, args, kwargs or kwargs_of(cfg), shrink or None)]`` on
+    threads the first time this process sees them; ``shrink = (cfg, shape_key, plan)`` picks the
+    config :func:`launch_shrinking` will start from.  Only ever a speed-up: errors are left for
+    the real launch to raise."""
+    if not jobs[0][1][0].is_cuda or not _knob("ATTNFORGE_PARALLEL_COMPILE"):
+        return
+    todo = []
+    for kernel, args, kw, shrink in jobs:
+        if shrink is not None:
+            cfg, shape_key, plan = shrink
+            fixed = frozenset(options).intersection(f for f, _ in plan)
+            cfg = _SHRUNK.get((id(kernel), cfg, shape_key, fixed), (None, cfg))[1]
+            kw = kw(cfg)
+        key = (id(kernel), tuple(sorted(kw.items())))
+        if key not in _PRECOMPILED and hasattr(kernel, "warmup"):
+            todo.append((kernel, args, kw, key))
+    mode = _async_compile_mode()
+    if len(todo) < 2 or mode is None:
+        return
+    for kernel, *_, key in todo:
+        _PRECOMPILED.add(key)
+        _PRECOMPILED_KERNELS.append(kernel)  # alive while its id is in a key
+    _compile_on_threads(mode, todo)
+
+
+_PRECOMPILED_KERNELS: list = []
+
+
+def _compile_on_threads(mode, todo: list) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(todo), thread_name_prefix="attnforge-compile") as pool:
+        try:
+            with mode(pool, ignore_errors=True):
+                for kernel, args, kw, _ in todo:
+                    kernel.warmup(*args, grid=(1,), **kw)
+        except Exception:  # noqa: BLE001 - a speed-up only: the launch compiles and reports
+            return
+
+
+def _knob(name: str):
+    from . import knobs
+
+    return knobs.get(name)
+
+
 def _too_big(kernel, first, last, fixed: frozenset, err: Exception) -> ValueError:
     name = getattr(kernel, "__name__", getattr(getattr(kernel, "fn", None), "__name__", "kernel"))
     how = f"tried {first} down to {last}" if first != last else f"tried {last}"
@@ -481,11 +545,12 @@ def launch_bwd(
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
-    mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](
+    pre_args = (
         out, d_out, dl, delta, *out.stride(), *d_out.stride(),
         *(dl.stride() if has_dlse else (0, 0, 0)), Hq, L,
-        HEAD_DIM_V=Ev, HEAD_DIM_V_PAD=head_dim_pad(Ev), BLOCK_M=cfg.BLOCK_M2, HAS_DLSE=has_dlse,
     )  # fmt: skip
+    pre_consts = dict(HEAD_DIM_V=Ev, HEAD_DIM_V_PAD=head_dim_pad(Ev), BLOCK_M=cfg.BLOCK_M2,
+                      HAS_DLSE=has_dlse)  # fmt: skip
     # -- dK, dV over the transposed lists (k/v broadcast over the batch: loop inside) --
     q_lists, q_strides, has_full_q = _block_args(bm, q_block_lists)
     z_per_kv = B if Bkv == 1 else 1
@@ -500,13 +565,10 @@ def launch_bwd(
         *params,
     )  # fmt: skip
 
-    def run_dkdv(c: BwdConfig) -> None:
-        dkdv[(triton_cdiv(S, c.BLOCK_N1), Bkv * Hkv)](
-            *dkdv_args, BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
-            num_warps=c.num_warps, num_stages=c.num_stages, **consts,
-        )  # fmt: skip
+    def dkdv_kw(c: BwdConfig) -> dict:
+        return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
+                    num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
-    launch_shrinking(dkdv, cfg, (*shape_key, has_full_q), call.options, _DKDV_SHRINK, run_dkdv)
     # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
     #    safe for the atomics: it is raised when the binary loads, before anything runs) --
     kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
@@ -520,14 +582,29 @@ def launch_bwd(
         *params, *grad_args,
     )  # fmt: skip
 
-    def run_dq(c: BwdConfig) -> None:
-        dq_kernel[(triton_cdiv(L, c.BLOCK_M2), B * Hq)](
-            *dq_args, BLOCK_M=c.BLOCK_M2, BLOCK_N=c.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
-            TENSOR_GRADS=bits, num_warps=c.num_warps, num_stages=c.num_stages, **consts,
-        )  # fmt: skip
+    def dq_kw(c: BwdConfig) -> dict:
+        return dict(BLOCK_M=c.BLOCK_M2, BLOCK_N=c.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
+                    TENSOR_GRADS=bits, num_warps=c.num_warps, num_stages=c.num_stages,
+                    **consts)  # fmt: skip
 
-    launch_shrinking(dq_kernel, cfg, (*shape_key, has_full, bits), call.options, _DQ_SHRINK,
-                     run_dq)  # fmt: skip
+    dkdv_key = (*shape_key, has_full_q)
+    dq_key = (*shape_key, has_full, bits)
+    precompile(call.options, [
+        (mod._attn_bwd_preprocess, pre_args, pre_consts, None),
+        (dkdv, dkdv_args, dkdv_kw, (cfg, dkdv_key, _DKDV_SHRINK)),
+        (dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK)),
+    ])  # fmt: skip
+    mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
+
+    def run_dkdv(c: BwdConfig) -> None:
+        dkdv[(triton_cdiv(S, c.BLOCK_N1), Bkv * Hkv)](*dkdv_args, **dkdv_kw(c))
+
+    launch_shrinking(dkdv, cfg, dkdv_key, call.options, _DKDV_SHRINK, run_dkdv)
+
+    def run_dq(c: BwdConfig) -> None:
+        dq_kernel[(triton_cdiv(L, c.BLOCK_M2), B * Hq)](*dq_args, **dq_kw(c))
+
+    launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
     return dq, dk, dv, _cast_grads(buffers, tensors)
 
 
