@@ -175,15 +175,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp + "/ind")
         runs = [
-            ("cold-serial", dict(ATTNFORGE_CACHE_DIR=tmp + "/af1", TRITON_CACHE_DIR=tmp + "/tr1",
-                                 ATTNFORGE_PARALLEL_COMPILE="0")),
+            (
+                "cold-serial",
+                dict(
+                    ATTNFORGE_CACHE_DIR=tmp + "/af1",
+                    TRITON_CACHE_DIR=tmp + "/tr1",
+                    ATTNFORGE_PARALLEL_COMPILE="0",
+                ),
+            ),
             ("cold", dict(ATTNFORGE_CACHE_DIR=tmp + "/af2", TRITON_CACHE_DIR=tmp + "/tr2")),
-            ("af-cold-triton-warm", dict(ATTNFORGE_CACHE_DIR=tmp + "/af3",
-                                         TRITON_CACHE_DIR=tmp + "/tr2")),
+            (
+                "af-cold-triton-warm",
+                dict(ATTNFORGE_CACHE_DIR=tmp + "/af3", TRITON_CACHE_DIR=tmp + "/tr2"),
+            ),
             ("warm", dict(ATTNFORGE_CACHE_DIR=tmp + "/af2", TRITON_CACHE_DIR=tmp + "/tr2")),
             ("warm-again", dict(ATTNFORGE_CACHE_DIR=tmp + "/af2", TRITON_CACHE_DIR=tmp + "/tr2")),
-            ("warm-cprofile", dict(ATTNFORGE_CACHE_DIR=tmp + "/af2", TRITON_CACHE_DIR=tmp + "/tr2",
-                                   PROFILE="1")),
+            (
+                "warm-cprofile",
+                dict(ATTNFORGE_CACHE_DIR=tmp + "/af2", TRITON_CACHE_DIR=tmp + "/tr2", PROFILE="1"),
+            ),
         ]
         for label, extra in runs:
             run_child(label, dict(base, **extra), log, out_dir)

@@ -122,12 +122,19 @@ mask_lambda_three = lambda b, h, q: q > 0  # noqa: E731  # <- arity_lambda
 
 
 def test_wrong_arity():
-    err = raises_at(mask_three, "mask", "arity3", "takes 3 positional argument(s)",
-                    "called with 4: (b, h, q_idx, kv_idx)", "def mask_three(b, h, q_idx, kv_idx)")
+    err = raises_at(
+        mask_three,
+        "mask",
+        "arity3",
+        "takes 3 positional argument(s)",
+        "called with 4: (b, h, q_idx, kv_idx)",
+        "def mask_three(b, h, q_idx, kv_idx)",
+    )
     assert err.col == col_of("arity3", "def mask_three")
     raises_at(score_as_mask, "mask", "arity5", "takes 5", "looks like a score_mod")
-    raises_at(mask_lambda_three, "mask", "arity_lambda", "takes 3",
-              "lambda b, h, q_idx, kv_idx: ...")
+    raises_at(
+        mask_lambda_three, "mask", "arity_lambda", "takes 3", "lambda b, h, q_idx, kv_idx: ..."
+    )
 
 
 def test_wrong_arity_at_decoration():
@@ -214,8 +221,11 @@ def mask_list_index(b, h, q_idx, kv_idx):
 @pytest.mark.parametrize(
     "fn, marker, fragments",
     [
-        (score_float_index, "float_index", ("float value is used as an index", "`TABLE`",
-                                            "`//` instead of `/`")),
+        (
+            score_float_index,
+            "float_index",
+            ("float value is used as an index", "`TABLE`", "`//` instead of `/`"),
+        ),
         (score_float_tensor_index, "float_tensor_index", ("float value is used as an index",)),
         (score_python_float_index, "python_float_index", ("float value is used as an index",)),
         (score_bool_index, "bool_index", ("bool value is used as an index",)),
@@ -259,8 +269,12 @@ def mask_returns_none(b, h, q_idx, kv_idx):  # <- none
     [
         (mask_returns_int, "mask", "mask_int", ("must return a bool", "returns an int value")),
         (mask_returns_float, "mask", "mask_float", ("must return a bool", "a float value")),
-        (score_returns_bool, "score", "score_bool", ("score_mod `score_returns_bool` returns a "
-                                                     "bool", "pass it as mask_mod")),
+        (
+            score_returns_bool,
+            "score",
+            "score_bool",
+            ("score_mod `score_returns_bool` returns a bool", "pass it as mask_mod"),
+        ),
         (mask_returns_none, "mask", "none", ("returned None",)),
     ],
 )

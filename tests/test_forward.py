@@ -431,8 +431,14 @@ def _qkv():
         (lambda q, k, v: (q, k[..., :8], v), "head dim"),
         (lambda q, k, v: (q, k[:, :1], v[:, :1]), "enable_gqa=True"),
         (lambda q, k, v: (q, k, v[:, :, :16]), "must agree"),
-        (lambda q, k, v: (q.expand(3, -1, -1, -1), k.expand(2, -1, -1, -1),
-                          v.expand(2, -1, -1, -1)), "batch"),  # fmt: skip
+        (
+            lambda q, k, v: (
+                q.expand(3, -1, -1, -1),
+                k.expand(2, -1, -1, -1),
+                v.expand(2, -1, -1, -1),
+            ),
+            "batch",
+        ),  # fmt: skip
     ],
 )
 def test_bad_inputs_raise(mutate, match):
@@ -579,7 +585,9 @@ def test_compiled_path_builds_for_sm90_without_a_gpu(tmp_path):
 # -- GPU, production shapes -----------------------------------------------------------------
 
 GPU_CASES = [
-    (S, D, name) for S in (2048, 8192) for D in (64, 128)
+    (S, D, name)
+    for S in (2048, 8192)
+    for D in (64, 128)
     for name in ("noop", "causal", "sliding_window", "alibi", "softcap", "document_causal")
 ]
 

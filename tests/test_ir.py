@@ -74,9 +74,14 @@ def test_key_is_stable_across_processes():
         "import sys; sys.path.insert(0, 'tests'); from test_ir import softcap_causal_expr;"
         "print(softcap_causal_expr().key)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": ROOT, "PYTHONHASHSEED": "123", "PATH": ""},
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": ROOT, "PYTHONHASHSEED": "123", "PATH": ""},
+        check=True,
+    )
     assert out.stdout.strip() == softcap_causal_expr().key
 
 
@@ -104,16 +109,18 @@ def test_operand_order_is_structure():
 
 
 def test_pretty_prints_one_node_per_line():
-    assert ir.pretty(softcap_causal_expr()) == "\n".join([
-        "%0 = q_idx : int",
-        "%1 = kv_idx : int",
-        "%2 = ge %0, %1 : bool",
-        "%3 = score : float",
-        "%4 = scalar[0] : float",
-        "%5 = mul %3, %4 : float",
-        "%6 = where %2, %5, -inf : float",
-        "return %6",
-    ])
+    assert ir.pretty(softcap_causal_expr()) == "\n".join(
+        [
+            "%0 = q_idx : int",
+            "%1 = kv_idx : int",
+            "%2 = ge %0, %1 : bool",
+            "%3 = score : float",
+            "%4 = scalar[0] : float",
+            "%5 = mul %3, %4 : float",
+            "%6 = where %2, %5, -inf : float",
+            "return %6",
+        ]
+    )
 
 
 def test_mod_pretty_names_parameters():
@@ -169,8 +176,11 @@ def test_walk_is_topological_and_shares_subexpressions():
 def test_dtype_rules(expr, dtype):
     n = expr()
     assert n.dtype is dtype
-    env = {"score": torch.tensor([0.5, -1.5], dtype=torch.float64), "q_idx": torch.tensor([3, 4]),
-           "kv_idx": torch.tensor([1, 7])}
+    env = {
+        "score": torch.tensor([0.5, -1.5], dtype=torch.float64),
+        "q_idx": torch.tensor([3, 4]),
+        "kv_idx": torch.tensor([1, 7]),
+    }
     value = evaluate(n, env, [torch.arange(10)])
     kind = {torch.bool: DType.BOOL, torch.int64: DType.INT, torch.float64: DType.FLOAT}
     assert kind[value.dtype] is dtype  # the evaluator agrees with the declared dtype
@@ -217,8 +227,6 @@ def test_params_of_orders_by_index():
 
 def test_locations_are_not_part_of_identity():
     a = af.trace(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, "mask")
-    b = af.trace(lambda b, h, q_idx, kv_idx: (
-        q_idx >= kv_idx
-    ), "mask")
+    b = af.trace(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, "mask")
     assert a.ir is b.ir
     assert a.locs[a.ir].line != b.locs[b.ir].line

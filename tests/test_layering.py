@@ -25,8 +25,13 @@ def _loaded_after_import(module: str) -> list[str]:
         f"import sys, json, {module}\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('attnforge'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "", "TRITON_INTERPRET": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "", "TRITON_INTERPRET": "1"},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

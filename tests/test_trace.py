@@ -46,8 +46,9 @@ def assert_matches_eager(mod: Mod, fn_call, kind: str, seed: int = 0):
         assert got.dtype == torch.bool and want.dtype == torch.bool
         assert torch.equal(got, want), f"{mod.name}: {int((got != want).sum())} entries differ"
     else:
-        torch.testing.assert_close(got, want.to(torch.float64), rtol=1e-5, atol=1e-5,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            got, want.to(torch.float64), rtol=1e-5, atol=1e-5, equal_nan=True
+        )
 
 
 def test_zoo_is_large_and_covers_both_kinds():
@@ -75,8 +76,7 @@ def _numeric_args(args: dict) -> dict:
 
 
 FACTORY_ENTRIES = sorted(
-    n for n, e in ZOO.items()
-    if e.factory is not None and _numeric_args(e.args) != e.args
+    n for n, e in ZOO.items() if e.factory is not None and _numeric_args(e.args) != e.args
 )
 
 
@@ -150,7 +150,9 @@ def test_parameters_numbered_by_first_use_with_names_and_kinds():
 
     m = af.trace(mod, "score")
     assert [(p.index, p.name, p.kind) for p in m.params] == [
-        (0, "scale", "scalar"), (1, "offset", "scalar"), (2, "table", "tensor"),
+        (0, "scale", "scalar"),
+        (1, "offset", "scalar"),
+        (2, "table", "tensor"),
     ]
     assert m.params[2].node is ir.tensor(2, 2, "float32")
     assert ir.params_of(m.ir) == [p.node for p in m.params]
@@ -290,17 +292,18 @@ def test_mod_calling_decorated_mods_and_parsed_mods():
     def near(b, h, q_idx, kv_idx):
         return q_idx - kv_idx < window
 
-    parsed = Mod("mask", ir.node(Op.NE, ir.node(Op.MOD, ir.KV_IDX, ir.scalar(0, DType.INT)),
-                                 ir.const(0)),
-                 params=(Param(0, "stride", "scalar", ir.scalar(0, DType.INT), 5),))
+    parsed = Mod(
+        "mask",
+        ir.node(Op.NE, ir.node(Op.MOD, ir.KV_IDX, ir.scalar(0, DType.INT)), ir.const(0)),
+        params=(Param(0, "stride", "scalar", ir.scalar(0, DType.INT), 5),),
+    )
 
     def combined(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & near(b, h, q_idx, kv_idx) & parsed(b, h, q_idx, kv_idx)
 
     m = af.trace(combined, "mask")
     assert [p.name for p in m.params] == ["window", "stride"]
-    assert_matches_eager(m, lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (kv % 5 != 0),
-                         "mask")
+    assert_matches_eager(m, lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (kv % 5 != 0), "mask")
 
 
 def test_and_or_noop_masks():

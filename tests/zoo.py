@@ -469,8 +469,13 @@ def learnable_temperature(score, b, h, q_idx, kv_idx):
 
 def unary_zoo(score, b, h, q_idx, kv_idx):
     d = (q_idx - kv_idx).abs().float()
-    return (score * torch.rsqrt(1 + d) + torch.sqrt(d) * 0.01 + torch.erf(d / 50)
-            + torch.cos(d * 0.1) + torch.log2(d + 1) * 0.1)
+    return (
+        score * torch.rsqrt(1 + d)
+        + torch.sqrt(d) * 0.01
+        + torch.erf(d / 50)
+        + torch.cos(d * 0.1)
+        + torch.log2(d + 1) * 0.1
+    )
 
 
 def floor_ceil(score, b, h, q_idx, kv_idx):
@@ -532,42 +537,89 @@ def _add(name, kind, fn=None, *, factory=None, args=None, needs=None, tags=()):
     args = args or {}
     if fn is None:
         fn = factory(**args)
-    _ENTRIES.append(ZooEntry(name, kind, fn, dict(needs or {}), factory, dict(args),
-                             frozenset(tags)))
+    _ENTRIES.append(
+        ZooEntry(name, kind, fn, dict(needs or {}), factory, dict(args), frozenset(tags))
+    )
 
 
 # masks
 _add("causal", "mask", causal, tags={"gym", "flex", "design"})
 _add("anti_causal", "mask", anti_causal, tags={"flex"})
 _add("noop", "mask", noop, tags={"gym", "flex"})
-_add("sliding_window", "mask", factory=generate_sliding_window, args={"window": 64},
-     tags={"gym"})
-_add("sliding_window_strict", "mask", factory=generate_sliding_window_strict,
-     args={"window": 64}, tags={"gym"})
-_add("bidirectional_window", "mask", factory=generate_bidirectional_window,
-     args={"window": 32}, tags={"gym"})
+_add("sliding_window", "mask", factory=generate_sliding_window, args={"window": 64}, tags={"gym"})
+_add(
+    "sliding_window_strict",
+    "mask",
+    factory=generate_sliding_window_strict,
+    args={"window": 64},
+    tags={"gym"},
+)
+_add(
+    "bidirectional_window",
+    "mask",
+    factory=generate_bidirectional_window,
+    args={"window": 32},
+    tags={"gym"},
+)
 _add("prefix_lm", "mask", factory=generate_prefix_lm, args={"prefix": 50}, tags={"gym"})
 _add("prefix_lm_per_batch", "mask", prefix_lm_per_batch, tags={"gym", "data"})
 _add("document", "mask", document, tags={"gym", "data"})
 _add("document_causal", "mask", document_causal, tags={"gym", "data"})
-_add("jagged_sliding", "mask", factory=generate_doc_mask_mod,
-     args={"inner": generate_sliding_window(16), "document_id": DOC_IDS,
-           "offsets": DOC_OFFSETS}, tags={"gym", "data", "composite"})
-_add("dilated_window", "mask", factory=generate_dilated_window,
-     args={"window": 64, "dilation": 4}, tags={"gym"})
-_add("natten_1d", "mask", factory=generate_natten_1d, args={"kernel": 15, "length": 300},
-     needs={"square": True}, tags={"gym"})
-_add("natten_2d", "mask", factory=generate_natten_2d,
-     args={"width": 16, "kernel_w": 5, "kernel_h": 3}, needs={"square": True}, tags={"gym"})
-_add("tiled_natten_2d", "mask", factory=generate_tiled_natten_2d,
-     args={"width": 16, "tile": 4, "kernel": 5}, needs={"square": True}, tags={"gym"})
-_add("sta_2d", "mask", factory=generate_sta_2d, args={"width": 16, "tile": 4, "window_tiles": 3},
-     needs={"square": True}, tags={"gym"})
+_add(
+    "jagged_sliding",
+    "mask",
+    factory=generate_doc_mask_mod,
+    args={"inner": generate_sliding_window(16), "document_id": DOC_IDS, "offsets": DOC_OFFSETS},
+    tags={"gym", "data", "composite"},
+)
+_add(
+    "dilated_window",
+    "mask",
+    factory=generate_dilated_window,
+    args={"window": 64, "dilation": 4},
+    tags={"gym"},
+)
+_add(
+    "natten_1d",
+    "mask",
+    factory=generate_natten_1d,
+    args={"kernel": 15, "length": 300},
+    needs={"square": True},
+    tags={"gym"},
+)
+_add(
+    "natten_2d",
+    "mask",
+    factory=generate_natten_2d,
+    args={"width": 16, "kernel_w": 5, "kernel_h": 3},
+    needs={"square": True},
+    tags={"gym"},
+)
+_add(
+    "tiled_natten_2d",
+    "mask",
+    factory=generate_tiled_natten_2d,
+    args={"width": 16, "tile": 4, "kernel": 5},
+    needs={"square": True},
+    tags={"gym"},
+)
+_add(
+    "sta_2d",
+    "mask",
+    factory=generate_sta_2d,
+    args={"width": 16, "tile": 4, "window_tiles": 3},
+    needs={"square": True},
+    tags={"gym"},
+)
 _add("chunked", "mask", factory=generate_chunked, args={"chunk": 48}, tags={"gym"})
-_add("chunked_causal", "mask", factory=generate_chunked_causal, args={"chunk": 48},
-     tags={"gym"})
-_add("sinks_window", "mask", factory=generate_sinks_window, args={"sinks": 4, "window": 32},
-     tags={"gym"})
+_add("chunked_causal", "mask", factory=generate_chunked_causal, args={"chunk": 48}, tags={"gym"})
+_add(
+    "sinks_window",
+    "mask",
+    factory=generate_sinks_window,
+    args={"sinks": 4, "window": 32},
+    tags={"gym"},
+)
 _add("global_tokens", "mask", global_tokens, tags={"gym"})
 _add("head_window", "mask", head_window, tags={"data"})
 _add("batch_lengths", "mask", batch_lengths, tags={"gym", "data"})
@@ -580,11 +632,9 @@ _add("logical_forms", "mask", logical_forms)
 _add("xor_mask", "mask", xor_mask)
 _add("head_parity", "mask", head_parity)
 _add("nested_causal_window", "mask", nested_causal_window, tags={"composite"})
-_add("flag_mask", "mask", factory=generate_flag_mask, args={"is_causal": False},
-     tags={"capture"})
+_add("flag_mask", "mask", factory=generate_flag_mask, args={"is_causal": False}, tags={"capture"})
 _add("default_arg_window", "mask", default_arg_window, tags={"capture"})
-_add("partial_window", "mask", functools.partial(_partial_window, window=40),
-     tags={"capture"})
+_add("partial_window", "mask", functools.partial(_partial_window, window=40), tags={"capture"})
 _add("window_object", "mask", WindowObject(30, LENGTHS), tags={"capture", "data"})
 _add("threshold_tensor", "mask", threshold_tensor, tags={"capture", "data"})
 # score mods
@@ -601,16 +651,25 @@ _add("exp2_bias", "score", exp2_bias, tags={"flex"})
 _add("even_rows", "score", even_rows, tags={"flex"})
 _add("trig", "score", trig, tags={"flex"})
 _add("trig2", "score", trig2, tags={"flex"})
-_add("alibi_computed", "score", factory=generate_alibi_slope_fn, args={"num_heads": MAX_H},
-     tags={"flex", "gym"})
+_add(
+    "alibi_computed",
+    "score",
+    factory=generate_alibi_slope_fn,
+    args={"num_heads": MAX_H},
+    tags={"flex", "gym"},
+)
 _add("alibi", "score", alibi, tags={"gym", "data"})
 _add("softcap", "score", factory=generate_softcap, args={"cap": 30.0}, tags={"gym", "design"})
-_add("softcap_causal", "score", factory=generate_softcap_causal, args={"cap": 30.0},
-     tags={"gym", "design"})
+_add(
+    "softcap_causal",
+    "score",
+    factory=generate_softcap_causal,
+    args={"cap": 30.0},
+    tags={"gym", "design"},
+)
 _add("softcap_exp", "score", softcap_exp, tags={"gym"})
 _add("relative_table", "score", relative_table, tags={"gym", "data"})
-_add("relative_table_shape", "score", relative_table_shape, needs={"vmap": True},
-     tags={"data"})
+_add("relative_table_shape", "score", relative_table_shape, needs={"vmap": True}, tags={"data"})
 _add("graphormer", "score", graphormer, tags={"data"})
 _add("batch_scale", "score", batch_scale, tags={"data"})
 _add("head_gate", "score", head_gate, tags={"data"})

@@ -302,10 +302,12 @@ def is_nonnegative(n: Node, _memo: dict | None = None) -> bool:
 
 PASSES: tuple[Pass, ...] = (
     Pass("fold_constants", "compute constant subtrees once, at compile time", fold_constants),
-    Pass("canonicalize", "one spelling per expression, so equal mods share one kernel",
-         canonicalize),  # fmt: skip
-    Pass("fold_constants_again", "canonicalization can expose new constant subtrees",
-         fold_constants),  # fmt: skip
+    Pass(
+        "canonicalize", "one spelling per expression, so equal mods share one kernel", canonicalize
+    ),  # fmt: skip
+    Pass(
+        "fold_constants_again", "canonicalization can expose new constant subtrees", fold_constants
+    ),  # fmt: skip
 )
 
 

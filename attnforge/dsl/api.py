@@ -32,8 +32,15 @@ from .mod import Mod
 from .trace import TraceResult, arg_names, def_location, guards_hold, trace_function
 
 __all__ = [
-    "TracedMod", "trace", "score_mod", "mask_mod", "as_mod", "current_mod", "and_masks",
-    "or_masks", "noop_mask",
+    "TracedMod",
+    "trace",
+    "score_mod",
+    "mask_mod",
+    "as_mod",
+    "current_mod",
+    "and_masks",
+    "or_masks",
+    "noop_mask",
 ]
 
 
@@ -153,7 +160,9 @@ def _check_kind(mod: Mod, kind: str) -> None:
     file, line, col = def_location(mod.fn) if mod.fn is not None else (None, None, None)
     raise DSLError(
         f"`{mod.name}` is a {mod.kind}_mod but is used as a {kind}_mod",
-        file=file, line=line, col=col,
+        file=file,
+        line=line,
+        col=col,
         fix=f"pass it as {mod.kind}_mod, or define it with the {kind}_mod signature "
         f"({', '.join(arg_names(kind))})",
     )

@@ -286,8 +286,10 @@ def scalar(index: int, dtype: DType) -> Node:
 
 def tensor(index: int, ndim: int, torch_dtype: str) -> Node:
     """A captured tensor parameter; ``torch_dtype`` like ``"float32"`` / ``"int64"``."""
-    kind = DType.BOOL if torch_dtype == "bool" else (
-        DType.FLOAT if ("float" in torch_dtype or "bfloat" in torch_dtype) else DType.INT
+    kind = (
+        DType.BOOL
+        if torch_dtype == "bool"
+        else (DType.FLOAT if ("float" in torch_dtype or "bfloat" in torch_dtype) else DType.INT)
     )
     return Node(Op.TENSOR, kind, (), (int(index), int(ndim), str(torch_dtype)))
 

@@ -70,8 +70,10 @@ class Mod:
             return self.fn(*args)
         from .evaluate import evaluate
 
-        names = ("score", "b", "h", "q_idx", "kv_idx") if self.kind == "score" else (
-            "b", "h", "q_idx", "kv_idx"
+        names = (
+            ("score", "b", "h", "q_idx", "kv_idx")
+            if self.kind == "score"
+            else ("b", "h", "q_idx", "kv_idx")
         )
         if len(args) != len(names):
             raise TypeError(f"{self.name} takes {len(names)} arguments ({', '.join(names)})")
@@ -79,7 +81,9 @@ class Mod:
         import torch
 
         return evaluate(
-            self.ir, dict(zip(names, args)), self.param_values(),
+            self.ir,
+            dict(zip(names, args)),
+            self.param_values(),
             float_dtype=fdt if fdt is not None and fdt.is_floating_point else torch.float32,
         )
 

@@ -132,8 +132,12 @@ def frame_loc(frame) -> SourceLoc | None:
         return None
     line, _, col0, _ = _frame_span(frame)
     file = frame.f_code.co_filename
-    return SourceLoc(file, line, (col0 + 1) if col0 is not None else 0,
-                     linecache.getline(file, line).rstrip("\n"))
+    return SourceLoc(
+        file,
+        line,
+        (col0 + 1) if col0 is not None else 0,
+        linecache.getline(file, line).rstrip("\n"),
+    )
 
 
 def error_here(message: str, fix: str | None = None, frame=None) -> DSLError:
@@ -144,8 +148,9 @@ def error_here(message: str, fix: str | None = None, frame=None) -> DSLError:
     line, end_line, col0, end_col0 = _frame_span(frame)
     col = col0 + 1 if col0 is not None else None
     end_col = end_col0 + 1 if (end_col0 is not None and end_line == line) else None
-    return DSLError(message, file=frame.f_code.co_filename, line=line, col=col, fix=fix,
-                    end_col=end_col)
+    return DSLError(
+        message, file=frame.f_code.co_filename, line=line, col=col, fix=fix, end_col=end_col
+    )
 
 
 def _unwrap_function(fn):
@@ -182,8 +187,9 @@ def def_location(fn) -> tuple[str | None, int | None, int | None]:
         return None, None, None
     code = f.__code__
     file, first = code.co_filename, code.co_firstlineno
-    pattern = re.compile(r"\blambda\b" if code.co_name == "<lambda>"
-                         else rf"\bdef\s+{re.escape(code.co_name)}\b")
+    pattern = re.compile(
+        r"\blambda\b" if code.co_name == "<lambda>" else rf"\bdef\s+{re.escape(code.co_name)}\b"
+    )
     for line in range(first, first + 50):
         text = linecache.getline(file, line)
         if not text:
@@ -224,15 +230,18 @@ def _nodes_at(frame) -> list:
     if tree is None:
         return []
     return [
-        n for n in ast.walk(tree)
-        if getattr(n, "lineno", None) == line and getattr(n, "end_lineno", None) == end_line
-        and n.col_offset == col0 and n.end_col_offset == end_col0
+        n
+        for n in ast.walk(tree)
+        if getattr(n, "lineno", None) == line
+        and getattr(n, "end_lineno", None) == end_line
+        and n.col_offset == col0
+        and n.end_col_offset == end_col0
     ]
 
 
 _BOOL_FIXES = {
     "if": "use torch.where(cond, a, b) to choose between values, or combine conditions with "
-          "& | ~ (e.g. `return (q_idx >= kv_idx) & (q_idx - kv_idx < window)`)",
+    "& | ~ (e.g. `return (q_idx >= kv_idx) & (q_idx - kv_idx < window)`)",
     "while": "a mod cannot loop on a traced value; express the condition with torch.where",
     "conditional expression": "use torch.where(cond, a, b) instead of `a if cond else b`",
     "and": "use `&` instead of `and`, with parentheses: `(a < b) & (c < d)`",
@@ -243,8 +252,10 @@ _BOOL_FIXES = {
     "min()": "use torch.minimum(a, b) instead of Python's min()",
     "assert": "a mod cannot assert on traced values; drop the assert or use torch.where",
 }
-_GENERIC_BOOL_FIX = ("a traced value has no Python truth value: use torch.where(cond, a, b) or "
-                     "combine conditions with & | ~")
+_GENERIC_BOOL_FIX = (
+    "a traced value has no Python truth value: use torch.where(cond, a, b) or "
+    "combine conditions with & | ~"
+)
 
 
 def _bool_construct(frame) -> str:
@@ -279,12 +290,14 @@ def bool_error(frame=None) -> DSLError:
     frame = frame or user_frame()
     construct = _bool_construct(frame) if frame is not None else "bool()"
     if construct in ("max()", "min()"):
-        return error_here(f"Python `{construct}` compares traced values with `if`",
-                          _BOOL_FIXES[construct], frame)
+        return error_here(
+            f"Python `{construct}` compares traced values with `if`", _BOOL_FIXES[construct], frame
+        )
     return error_here(
         f"Python `{construct}` on a traced value (Python `if`/`and`/`or`/`not`/`bool()` need a "
         "concrete True/False, but a mod's values are per-element tensors)",
-        _BOOL_FIXES.get(construct, _GENERIC_BOOL_FIX), frame,
+        _BOOL_FIXES.get(construct, _GENERIC_BOOL_FIX),
+        frame,
     )
 
 
@@ -348,8 +361,9 @@ def _dtype_name(t: torch.Tensor) -> str:
 def _rebuildable(fn: types.FunctionType) -> bool:
     """User functions (and attnforge's own combinators) are rebuilt; torch's are called as is."""
     module = getattr(fn, "__module__", None) or ""
-    return not module.startswith(("torch", "triton", "numpy")) and not fn.__code__.co_filename \
-        .startswith(os.path.dirname(torch.__file__))
+    return not module.startswith(
+        ("torch", "triton", "numpy")
+    ) and not fn.__code__.co_filename.startswith(os.path.dirname(torch.__file__))
 
 
 def _is_config_object(v) -> bool:
@@ -439,8 +453,9 @@ class _Tracer:
         items = {}
         for k, v in value.items():
             getter = (lambda g=src.getter, k=k: g()[k]) if src.getter is not None else None
-            items[k] = self.capture(v, Source(src.key + (("key", k),), f"{src.name}[{k!r}]",
-                                              getter))
+            items[k] = self.capture(
+                v, Source(src.key + (("key", k),), f"{src.name}[{k!r}]", getter)
+            )
         if all(items[k] is v for k, v in value.items()):
             return value
         return items
@@ -476,8 +491,7 @@ class _Tracer:
     def _partial(self, p: functools.partial):
         self.keepalive.append(p)
         args = tuple(
-            self.capture(v, Source(("partial", id(p), i), f"arg{i}",
-                                   lambda p=p, i=i: p.args[i]))
+            self.capture(v, Source(("partial", id(p), i), f"arg{i}", lambda p=p, i=i: p.args[i]))
             for i, v in enumerate(p.args)
         )
         kw = {
@@ -502,12 +516,12 @@ class _Tracer:
         closure = fn.__closure__
         if closure:
             closure = tuple(self._cell(name, c) for name, c in zip(code.co_freevars, closure))
-        new = types.FunctionType(code, self._globals(fn), fn.__name__, self._defaults(fn),
-                                 closure)
+        new = types.FunctionType(code, self._globals(fn), fn.__name__, self._defaults(fn), closure)
         if fn.__kwdefaults__:
             new.__kwdefaults__ = {
-                k: self.capture(v, Source(("kwdefault", id(fn), k), k,
-                                          lambda f=fn, k=k: f.__kwdefaults__[k]))
+                k: self.capture(
+                    v, Source(("kwdefault", id(fn), k), k, lambda f=fn, k=k: f.__kwdefaults__[k])
+                )
                 for k, v in fn.__kwdefaults__.items()
             }
         new.__qualname__ = fn.__qualname__
@@ -528,8 +542,9 @@ class _Tracer:
         for name in _global_names(fn.__code__):
             if name in g and not name.startswith("__"):
                 v = g[name]
-                new = self.capture(v, Source(("global", id(g), name), name,
-                                             lambda g=g, n=name: g[n]))
+                new = self.capture(
+                    v, Source(("global", id(g), name), name, lambda g=g, n=name: g[n])
+                )
                 if new is not v:
                     overrides[name] = new
         if not overrides:
@@ -543,8 +558,14 @@ class _Tracer:
         code = fn.__code__
         first = code.co_argcount - len(d)
         return tuple(
-            self.capture(v, Source(("default", id(fn), i), code.co_varnames[first + i],
-                                   lambda f=fn, i=i: f.__defaults__[i]))
+            self.capture(
+                v,
+                Source(
+                    ("default", id(fn), i),
+                    code.co_varnames[first + i],
+                    lambda f=fn, i=i: f.__defaults__[i],
+                ),
+            )
             for i, v in enumerate(d)
         )
 
@@ -607,8 +628,10 @@ def lift(x) -> Node | None:
 def lift_or_raise(x, what: str) -> Node:
     n = lift(x)
     if n is None:
-        raise error_here(f"{what}: {type(x).__name__} {x!r:.60} is not a value a mod can use",
-                         "use traced values, Python numbers or captured tensors")
+        raise error_here(
+            f"{what}: {type(x).__name__} {x!r:.60} is not a value a mod can use",
+            "use traced values, Python numbers or captured tensors",
+        )
     return n
 
 
@@ -671,32 +694,83 @@ class Proxy:
             _check_logic(op, a, b)
         return mk(op, a, b)
 
-    def __add__(self, o): return self._bin(Op.ADD, o)
-    def __radd__(self, o): return self._bin(Op.ADD, o, True)
-    def __sub__(self, o): return self._bin(Op.SUB, o)
-    def __rsub__(self, o): return self._bin(Op.SUB, o, True)
-    def __mul__(self, o): return self._bin(Op.MUL, o)
-    def __rmul__(self, o): return self._bin(Op.MUL, o, True)
-    def __truediv__(self, o): return self._bin(Op.DIV, o)
-    def __rtruediv__(self, o): return self._bin(Op.DIV, o, True)
-    def __floordiv__(self, o): return self._bin(Op.FLOORDIV, o)
-    def __rfloordiv__(self, o): return self._bin(Op.FLOORDIV, o, True)
-    def __mod__(self, o): return self._bin(Op.MOD, o)
-    def __rmod__(self, o): return self._bin(Op.MOD, o, True)
-    def __pow__(self, o): return self._bin(Op.POW, o)
-    def __rpow__(self, o): return self._bin(Op.POW, o, True)
-    def __and__(self, o): return self._bin(Op.AND, o)
-    def __rand__(self, o): return self._bin(Op.AND, o, True)
-    def __or__(self, o): return self._bin(Op.OR, o)
-    def __ror__(self, o): return self._bin(Op.OR, o, True)
-    def __xor__(self, o): return self._bin(Op.XOR, o)
-    def __rxor__(self, o): return self._bin(Op.XOR, o, True)
-    def __lt__(self, o): return self._bin(Op.LT, o)
-    def __le__(self, o): return self._bin(Op.LE, o)
-    def __gt__(self, o): return self._bin(Op.GT, o)
-    def __ge__(self, o): return self._bin(Op.GE, o)
-    def __eq__(self, o): return self._bin(Op.EQ, o)  # type: ignore[override]
-    def __ne__(self, o): return self._bin(Op.NE, o)  # type: ignore[override]
+    def __add__(self, o):
+        return self._bin(Op.ADD, o)
+
+    def __radd__(self, o):
+        return self._bin(Op.ADD, o, True)
+
+    def __sub__(self, o):
+        return self._bin(Op.SUB, o)
+
+    def __rsub__(self, o):
+        return self._bin(Op.SUB, o, True)
+
+    def __mul__(self, o):
+        return self._bin(Op.MUL, o)
+
+    def __rmul__(self, o):
+        return self._bin(Op.MUL, o, True)
+
+    def __truediv__(self, o):
+        return self._bin(Op.DIV, o)
+
+    def __rtruediv__(self, o):
+        return self._bin(Op.DIV, o, True)
+
+    def __floordiv__(self, o):
+        return self._bin(Op.FLOORDIV, o)
+
+    def __rfloordiv__(self, o):
+        return self._bin(Op.FLOORDIV, o, True)
+
+    def __mod__(self, o):
+        return self._bin(Op.MOD, o)
+
+    def __rmod__(self, o):
+        return self._bin(Op.MOD, o, True)
+
+    def __pow__(self, o):
+        return self._bin(Op.POW, o)
+
+    def __rpow__(self, o):
+        return self._bin(Op.POW, o, True)
+
+    def __and__(self, o):
+        return self._bin(Op.AND, o)
+
+    def __rand__(self, o):
+        return self._bin(Op.AND, o, True)
+
+    def __or__(self, o):
+        return self._bin(Op.OR, o)
+
+    def __ror__(self, o):
+        return self._bin(Op.OR, o, True)
+
+    def __xor__(self, o):
+        return self._bin(Op.XOR, o)
+
+    def __rxor__(self, o):
+        return self._bin(Op.XOR, o, True)
+
+    def __lt__(self, o):
+        return self._bin(Op.LT, o)
+
+    def __le__(self, o):
+        return self._bin(Op.LE, o)
+
+    def __gt__(self, o):
+        return self._bin(Op.GT, o)
+
+    def __ge__(self, o):
+        return self._bin(Op.GE, o)
+
+    def __eq__(self, o):
+        return self._bin(Op.EQ, o)  # type: ignore[override]
+
+    def __ne__(self, o):
+        return self._bin(Op.NE, o)  # type: ignore[override]
 
     def __neg__(self):
         return mk(Op.NEG, self.node)
@@ -710,8 +784,11 @@ class Proxy:
     def __invert__(self):
         n = self.node
         if n.dtype is DType.FLOAT:
-            raise error_here("`~` on a float value", "`~` is logical not on bools and bitwise "
-                             "not on ints; compare first, e.g. `~(score > 0)`")
+            raise error_here(
+                "`~` on a float value",
+                "`~` is logical not on bools and bitwise "
+                "not on ints; compare first, e.g. `~(score > 0)`",
+            )
         return mk(Op.NOT, n)
 
     # -- Python asking for concrete values --
@@ -730,17 +807,22 @@ class Proxy:
         raise error_here(f"a traced value was used as a Python {what}", fix, frame)
 
     def __index__(self):
-        v = self._concrete("int (list index, range(), slice)",
-                           "capture a torch tensor instead of a Python list and index it with "
-                           "the traced value, e.g. `torch.tensor(sizes)[h]`")
+        v = self._concrete(
+            "int (list index, range(), slice)",
+            "capture a torch tensor instead of a Python list and index it with "
+            "the traced value, e.g. `torch.tensor(sizes)[h]`",
+        )
         return int(v)
 
     def __int__(self):
         return int(self._concrete("int (int())", "use `.long()` / `.to(torch.int64)` instead"))
 
     def __float__(self):
-        return float(self._concrete("float (float() or math.*)",
-                                    "use `.float()` and torch functions instead of math.*"))
+        return float(
+            self._concrete(
+                "float (float() or math.*)", "use `.float()` and torch functions instead of math.*"
+            )
+        )
 
     def __iter__(self):
         raise error_here("a traced value is not iterable", "a mod computes one element at a time")
@@ -786,9 +868,11 @@ class Traced(Proxy):
 def _check_logic(op: Op, a: Node, b: Node):
     if DType.FLOAT in (a.dtype, b.dtype):
         sym = {Op.AND: "&", Op.OR: "|", Op.XOR: "^"}[op]
-        raise error_here(f"`{sym}` on a float value",
-                         f"`{sym}` combines bool conditions (or ints bitwise); compare first, "
-                         "e.g. `(score > 0) " + sym + " (q_idx >= kv_idx)`")
+        raise error_here(
+            f"`{sym}` on a float value",
+            f"`{sym}` combines bool conditions (or ints bitwise); compare first, "
+            "e.g. `(score > 0) " + sym + " (q_idx >= kv_idx)`",
+        )
 
 
 class ScalarRef(Proxy):
@@ -881,8 +965,10 @@ class TensorRef(Proxy):
             )
         n = lift(i)
         if n is None:
-            raise error_here(f"cannot index captured tensor `{self._name}` with "
-                             f"{type(i).__name__}", "use traced int values or Python ints")
+            raise error_here(
+                f"cannot index captured tensor `{self._name}` with {type(i).__name__}",
+                "use traced int values or Python ints",
+            )
         if n.dtype is DType.FLOAT:
             raise error_here(
                 f"a float value is used as an index into captured tensor `{self._name}`",
@@ -904,8 +990,12 @@ class TensorRef(Proxy):
         dims = []
         for d in range(len(self.prefix), t.dim()):
             getter = _shape_getter(src.getter, d) if src.getter else None
-            dims.append(ScalarRef(Source(src.key + ("shape", d), f"{src.name}.shape[{d}]",
-                                         getter), int(t.shape[d])))
+            dims.append(
+                ScalarRef(
+                    Source(src.key + ("shape", d), f"{src.name}.shape[{d}]", getter),
+                    int(t.shape[d]),
+                )
+            )
         return tuple(dims)
 
     def size(self, d=None):
@@ -915,8 +1005,9 @@ class TensorRef(Proxy):
         src = self.slot.src
         v = self.slot.value.shape[len(self.prefix)]
         if src.getter is not None:
-            _tracer().guards.append((_shape_getter(src.getter, len(self.prefix)),
-                                     _same_const(int(v))))
+            _tracer().guards.append(
+                (_shape_getter(src.getter, len(self.prefix)), _same_const(int(v)))
+            )
         return int(v)
 
     @property
@@ -965,8 +1056,9 @@ class _ObjectRef:
         obj = object.__getattribute__(self, "_af_obj")
         tracer = object.__getattribute__(self, "_af_tracer")
         value = getattr(obj, name)
-        return tracer.capture(value, Source(("attr", id(obj), name), name,
-                                            lambda o=obj, n=name: getattr(o, n)))
+        return tracer.capture(
+            value, Source(("attr", id(obj), name), name, lambda o=obj, n=name: getattr(o, n))
+        )
 
     def __call__(self, *args):
         obj = object.__getattribute__(self, "_af_obj")
@@ -988,8 +1080,11 @@ class _InlinedMod:
             _LEAF_OF[name]: lift_or_raise(a, name) for name, a in zip(names, args)
         }
         for p in self.mod.params:
-            src = Source(("mod", id(self.mod), p.index), p.name,
-                         p.getter if p.getter is not None else (lambda p=p: p.value))
+            src = Source(
+                ("mod", id(self.mod), p.index),
+                p.name,
+                p.getter if p.getter is not None else (lambda p=p: p.value),
+            )
             mapping[p.node] = tr.param(src, p.current(), p.kind)
         tr.keepalive.append(self.mod)
         return Traced(substitute(self.mod.ir, mapping))
@@ -1062,12 +1157,15 @@ def _logical(op: Op):
 
 def _where(cond, x=None, y=None):
     if x is None or y is None:
-        raise error_here("torch.where(cond) with one argument is not supported in a mod",
-                         "use torch.where(cond, a, b)")
+        raise error_here(
+            "torch.where(cond) with one argument is not supported in a mod",
+            "use torch.where(cond, a, b)",
+        )
     c = lift_or_raise(cond, "torch.where condition")
     if c.dtype is not DType.BOOL:
-        raise error_here("torch.where needs a bool condition",
-                         "compare first, e.g. torch.where(x != 0, a, b)")
+        raise error_here(
+            "torch.where needs a bool condition", "compare first, e.g. torch.where(x != 0, a, b)"
+        )
     return mk(Op.WHERE, c, lift_or_raise(x, "torch.where"), lift_or_raise(y, "torch.where"))
 
 
@@ -1085,8 +1183,10 @@ def _clamp(x, min=None, max=None, *, out=None):  # noqa: A002 - torch's keyword 
 def _min_max(op: Op, name: str):
     def handler(a, b=None, *args, **kwargs):
         if b is None or args or kwargs or not isinstance(b, (Proxy, torch.Tensor)):
-            raise error_here(f"torch.{name} reduction / dim form is not supported in a mod",
-                             f"use the two-argument form torch.{name}imum(a, b)")
+            raise error_here(
+                f"torch.{name} reduction / dim form is not supported in a mod",
+                f"use the two-argument form torch.{name}imum(a, b)",
+            )
         return _binary(op)(a, b)
 
     return handler
@@ -1113,8 +1213,7 @@ def _trunc(x):
     n = lift_or_raise(x, "trunc")
     if n.dtype is not DType.FLOAT:
         return Traced(n)
-    return mk(Op.WHERE, ir.node(Op.LT, n, ir.const(0.0)), ir.node(Op.CEIL, n),
-              ir.node(Op.FLOOR, n))
+    return mk(Op.WHERE, ir.node(Op.LT, n, ir.const(0.0)), ir.node(Op.CEIL, n), ir.node(Op.FLOOR, n))
 
 
 def _sign(x):
@@ -1126,8 +1225,14 @@ def _sign(x):
 
 
 def _fill(value, like=None, dtype=None):
-    kind = _torch_dtype_kind(dtype) if dtype is not None else (
-        lift_or_raise(like, "fill").dtype if like is not None else lift_or_raise(value, "").dtype
+    kind = (
+        _torch_dtype_kind(dtype)
+        if dtype is not None
+        else (
+            lift_or_raise(like, "fill").dtype
+            if like is not None
+            else lift_or_raise(value, "").dtype
+        )
     )
     n = lift_or_raise(value, "fill value")
     if n.op is Op.CONST:  # fold: a constant of the requested kind
@@ -1166,8 +1271,9 @@ def _new_tensor(x, data, *, dtype=None, **_):
 
 def _scalar_size(size):
     if tuple(size) not in ((), (1,)):
-        raise error_here(f"a mod computes one element: size {tuple(size)} is not supported",
-                         "use size=()")
+        raise error_here(
+            f"a mod computes one element: size {tuple(size)} is not supported", "use size=()"
+        )
 
 
 def _to(x, *args, dtype=None, **kwargs):
@@ -1301,20 +1407,51 @@ HANDLERS: dict[str, Callable] = {
     "squeeze": _identity,
     "__getitem__": _getitem,
 }
-_VIEW_METHODS = frozenset({"to", "float", "double", "half", "bfloat16", "int", "long", "short",
-                           "bool", "contiguous", "clone", "detach", "cpu", "cuda", "type_as"})
+_VIEW_METHODS = frozenset(
+    {
+        "to",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "int",
+        "long",
+        "short",
+        "bool",
+        "contiguous",
+        "clone",
+        "detach",
+        "cpu",
+        "cuda",
+        "type_as",
+    }
+)
 
 # Tensor dunders reach __torch_function__ when a real tensor is on the left of a proxy.
 _DUNDERS = {
-    "add": Op.ADD, "sub": Op.SUB, "mul": Op.MUL, "truediv": Op.DIV, "div": Op.DIV,
-    "floordiv": Op.FLOORDIV, "mod": Op.MOD, "pow": Op.POW, "and": Op.AND, "or": Op.OR,
+    "add": Op.ADD,
+    "sub": Op.SUB,
+    "mul": Op.MUL,
+    "truediv": Op.DIV,
+    "div": Op.DIV,
+    "floordiv": Op.FLOORDIV,
+    "mod": Op.MOD,
+    "pow": Op.POW,
+    "and": Op.AND,
+    "or": Op.OR,
     "xor": Op.XOR,
 }
 for _name, _op in _DUNDERS.items():
     HANDLERS[f"__{_name}__"] = _binary(_op)
     HANDLERS[f"__r{_name}__"] = _reflected(_op)
-for _name, _op in {"lt": Op.LT, "le": Op.LE, "gt": Op.GT, "ge": Op.GE, "eq": Op.EQ,
-                   "ne": Op.NE}.items():
+for _name, _op in {
+    "lt": Op.LT,
+    "le": Op.LE,
+    "gt": Op.GT,
+    "ge": Op.GE,
+    "eq": Op.EQ,
+    "ne": Op.NE,
+}.items():
     HANDLERS[f"__{_name}__"] = _binary(_op)
 HANDLERS["__neg__"] = _unary(Op.NEG)
 HANDLERS["__abs__"] = _unary(Op.ABS)
@@ -1340,8 +1477,12 @@ _FUNC_NAMES = _function_table()
 
 def _qualified_name(func) -> str:
     name = getattr(func, "__name__", repr(func))
-    for prefix, owner in (("torch", torch), ("torch.nn.functional", torch.nn.functional),
-                          ("torch.special", torch.special), ("Tensor", torch.Tensor)):
+    for prefix, owner in (
+        ("torch", torch),
+        ("torch.nn.functional", torch.nn.functional),
+        ("torch.special", torch.special),
+        ("Tensor", torch.Tensor),
+    ):
         if getattr(owner, name, None) is func:
             return f"{prefix}.{name}"
     module = getattr(func, "__module__", None)
@@ -1397,23 +1538,29 @@ def _signature_text(fn, name: str, names) -> str:
 
 def _finish(tr: _Tracer, out, fn, name: str) -> Node:
     if out is None:
-        raise error_at_def(fn, f"{tr.kind}_mod `{name}` returned None",
-                           "return a traced expression, e.g. `return q_idx >= kv_idx`")
+        raise error_at_def(
+            fn,
+            f"{tr.kind}_mod `{name}` returned None",
+            "return a traced expression, e.g. `return q_idx >= kv_idx`",
+        )
     if isinstance(out, (tuple, list)):
-        raise error_at_def(fn, f"{tr.kind}_mod `{name}` returned a {type(out).__name__}",
-                           "return a single value")
+        raise error_at_def(
+            fn, f"{tr.kind}_mod `{name}` returned a {type(out).__name__}", "return a single value"
+        )
     root = lift_or_raise(out, f"{tr.kind}_mod `{name}` return value")
     where = tr.locs.get(root)
     if tr.kind == "mask" and root.dtype is not DType.BOOL:
         raise _located(
-            where, fn,
+            where,
+            fn,
             f"mask_mod `{name}` must return a bool, but it returns {_an(root.dtype.value)} value",
             "return a comparison such as `q_idx >= kv_idx`; to change scores use a score_mod",
         )
     if tr.kind == "score":
         if root.dtype is DType.BOOL:
             raise _located(
-                where, fn,
+                where,
+                fn,
                 f"score_mod `{name}` returns a bool; a score_mod must return the new score",
                 "pass it as mask_mod (create_block_mask / @af.mask_mod), or return "
                 "torch.where(cond, score, -float('inf'))",
@@ -1430,8 +1577,14 @@ def _an(word: str) -> str:
 def _located(loc: SourceLoc | None, fn, message: str, fix: str) -> DSLError:
     if loc is None:
         return error_at_def(fn, message, fix)
-    return DSLError(message, file=loc.file, line=loc.line, col=loc.col or None,
-                    source_line=loc.text or None, fix=fix)
+    return DSLError(
+        message,
+        file=loc.file,
+        line=loc.line,
+        col=loc.col or None,
+        source_line=loc.text or None,
+        fix=fix,
+    )
 
 
 def _compact(root: Node, tr: _Tracer) -> tuple[Node, tuple[Param, ...], dict]:
@@ -1478,8 +1631,18 @@ def trace_function(fn, kind: str, name: str | None = None) -> TraceResult:
 
 
 __all__ = [
-    "TraceResult", "trace_function", "guards_hold", "check_arity", "Traced", "TensorRef",
-    "ScalarRef", "user_frame", "error_here", "error_at_def", "def_location", "substitute",
-    "arg_names", "HANDLERS",
+    "TraceResult",
+    "trace_function",
+    "guards_hold",
+    "check_arity",
+    "Traced",
+    "TensorRef",
+    "ScalarRef",
+    "user_frame",
+    "error_here",
+    "error_at_def",
+    "def_location",
+    "substitute",
+    "arg_names",
+    "HANDLERS",
 ]
-

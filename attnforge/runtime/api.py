@@ -193,9 +193,7 @@ def _check_aux(return_lse: bool, return_aux: Any) -> bool:
     if return_aux is None:
         return bool(return_lse)
     if return_lse:
-        raise ValueError(
-            "pass either return_lse=True or return_aux=AuxRequest(lse=True), not both"
-        )
+        raise ValueError("pass either return_lse=True or return_aux=AuxRequest(lse=True), not both")
     if getattr(return_aux, "max_scores", False):
         raise NotImplementedError(
             "return_aux=AuxRequest(max_scores=True) is not supported by attnforge yet; "
@@ -230,9 +228,7 @@ def _check_tensors(q, k, v, enable_gqa: bool) -> None:
             f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if q.dtype not in _DTYPES:
-        raise ValueError(
-            f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32"
-        )
+        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"query, key and value must be on the same device, got {q.device}, {k.device}, "
@@ -240,8 +236,7 @@ def _check_tensors(q, k, v, enable_gqa: bool) -> None:
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"query and key must have the same head dim, got E={q.shape[-1]} and "
-            f"E={k.shape[-1]}"
+            f"query and key must have the same head dim, got E={q.shape[-1]} and E={k.shape[-1]}"
         )
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(
