@@ -154,6 +154,23 @@ else:
                                          dtype=tl.float32, is_pure=True, pack=1)
 
 
+# -- tile loads (shared by the forward and backward kernels) --
+
+
+@_device_fn
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # masked only where a bound can be crossed (constexpr), out-of-bounds reads give 0
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
 # -- generated: score_mod, mask_mod and what the kernels need to know about them --
 
 HAS_SCORE_MOD = tl.constexpr(True)
@@ -241,20 +258,6 @@ def _attn_fwd_inner(
                            other=0)
         start_n = kv_block * SPARSE_KV_BLOCK + (nxt % TILES_PER_BLOCK) * BLOCK_N
     return acc, l_i, m_i
-
-
-@_device_fn
-def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # masked only where a bound can be crossed (constexpr), out-of-bounds reads give 0
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=rows_ok, other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=cols_ok, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
 
 
 @triton.jit
