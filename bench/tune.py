@@ -106,14 +106,14 @@ def run_case(args, D, var, flex_c, table):
                 return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, **sdpa_kw)
 
         timed("cudnn", cudnn, bool(args.bwd))
+
+    def af_with(opts):
+        return lambda q_, k_, v_: af.flex_attention(
+            q_, k_, v_, score_mod=score_mod, block_mask=bm, kernel_options=opts
+        )
+
     for fc in args.fwd:
-        opts = parse_fwd(fc) if fc else None
-
-        def af_fwd(q_, k_, v_, opts=opts):
-            return af.flex_attention(
-                q_, k_, v_, score_mod=score_mod, block_mask=bm, kernel_options=opts
-            )
-
+        af_fwd = af_with(parse_fwd(fc) if fc else None)
         try:
             with torch.no_grad():
                 err = (af_fwd(q, k, v).float() - ref.float()).abs().max().item()
@@ -121,13 +121,7 @@ def run_case(args, D, var, flex_c, table):
         except Exception as e:
             print(f"D={D} {var} fwd {fc}: FAILED {type(e).__name__}: {e}"[:300])
     for bc in args.bwd:
-        opts = parse_bwd(bc) if bc else None
-
-        def af_fb(q_, k_, v_, opts=opts):
-            return af.flex_attention(
-                q_, k_, v_, score_mod=score_mod, block_mask=bm, kernel_options=opts
-            )
-
+        af_fb = af_with(parse_bwd(bc) if bc else None)
         try:
             for t in (q, k, v):  # the baselines' timing loops leave their grads
                 t.grad = None
