@@ -125,8 +125,11 @@ def main() -> None:
     p.add_argument("-n", type=int, default=1000, help="calls per sample")
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--profile", metavar="ROW", help="cProfile one row (its label) instead")
+    p.add_argument("--gpu", action="store_true", help="real launches on CUDA (see gpu_overhead)")
     args = p.parse_args()
     args.dtype = getattr(torch, args.dtype)
+    if args.gpu:
+        return gpu_overhead(args)
     _patch_loader()  # before the first call: kernels are loaded, stubbed, never run
     if args.profile:
         return profile(args)
@@ -162,6 +165,64 @@ def profile(args) -> None:
         fn()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def gpu_overhead(args) -> None:
+    """Real launches on CUDA, bench_attention's ``host_overhead`` case (B=1 H=1 S=128 D=64 bf16
+    causal block mask, no grad): wall µs per call minus the kernel's GPU time, with
+    ``ATTNFORGE_DIRECT_LAUNCH`` on and off, and the split of one call (cProfile, direct on)."""
+    import os
+
+    import triton.testing
+
+    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bm = af.create_block_mask(lambda b, h, i, j: i >= j, None, None, 128, 128, device="cuda")
+
+    def fn():
+        return af.flex_attention(q, k, v, block_mask=bm)
+
+    def wall_us(n=2000) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        return best
+
+    with torch.no_grad():
+        gpu_us = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+        for setting in ("1", "0", "1"):
+            os.environ["ATTNFORGE_DIRECT_LAUNCH"] = setting
+            w = wall_us()
+            print(f"ATTNFORGE_DIRECT_LAUNCH={setting}: wall {w:.1f} us/call, gpu {gpu_us:.1f} us, "
+                  f"overhead {max(w - gpu_us, 0):.1f} us", flush=True)  # fmt: skip
+        # CPU time per call: bursts short enough that the launch queue never fills
+        for setting in ("1", "0", "1"):
+            os.environ["ATTNFORGE_DIRECT_LAUNCH"] = setting
+            best = float("inf")
+            for _ in range(30):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / 200 * 1e6)
+            torch.cuda.synchronize()
+            print(f"ATTNFORGE_DIRECT_LAUNCH={setting}: host time {best:.1f} us/call (enqueue, "
+                  "best of 30 bursts of 200)", flush=True)  # fmt: skip
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            torch.cuda.synchronize()
+            for _ in range(200):
+                fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

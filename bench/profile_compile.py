@@ -103,7 +103,24 @@ cache.compiler_fingerprint = functools.cache(
     timed("compiler_fingerprint", cache.compiler_fingerprint.__wrapped__))
 autograd.launch_fwd = timed("launch_fwd", autograd.launch_fwd)
 autograd.launch_bwd = timed("launch_bwd", autograd.launch_bwd)
+BWD_PROF = []
+if prof:  # the backward runs on autograd's device thread: profile it there
+    _bwd = autograd.launch_bwd
+    def launch_bwd(*a, **kw):
+        p = cProfile.Profile()
+        p.enable()
+        try:
+            return _bwd(*a, **kw)
+        finally:
+            p.disable()
+            BWD_PROF.append(p)
+    autograd.launch_bwd = launch_bwd
 launch.precompile = timed("precompile (threads)", launch.precompile)
+from attnforge.runtime import loader
+if hasattr(loader, "Launcher"):
+    loader.Launcher._load = timed("Launcher._load (kept binary, no triton.compile)",
+                                  loader.Launcher._load,
+                                  lambda a, kw: dict(fn=a[0].jit.__name__))
 launch.launch_shrinking = timed("launch_shrinking", launch.launch_shrinking,
     lambda a, kw: dict(kernel=getattr(getattr(a[0], "fn", None), "__name__", "?"), cfg=str(a[1])))
 t1 = time.perf_counter()
@@ -117,6 +134,7 @@ if prof: prof.disable()
 rec("first forward call", t2 - t1)
 rec("backward", t3 - t2)
 rec("TOTAL (bench definition, minus ~hook install)", t3 - t0 - (t1 - t_imp2))
+rec("FIRST CALL fwd+bwd, imports excluded", t3 - t1)
 new = sorted(m for m in set(sys.modules) - mods_before if m.split(".")[0] in
              ("sympy", "lark", "numpy", "torch", "triton") and m.count(".") < 2)
 # correctness vs a float64 reference
@@ -132,10 +150,15 @@ errs = dict(out=(out.double() - ref).abs().max().item(),
             dk=(k.grad.double() - kk.grad).abs().max().item(),
             dv=(v.grad.double() - vv.grad).abs().max().item())
 print(json.dumps(dict(events=EV, new_modules=new, errors=errs, total=t3 - t0 - (t1 - t_imp2),
+                      first_call=t3 - t1,
                       cache=af.cache_info()._asdict())))
 if prof:
     sio = io.StringIO()
-    pstats.Stats(prof, stream=sio).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof, stream=sio).sort_stats("cumulative").print_stats(60)
+    pstats.Stats(prof, stream=sio).sort_stats("tottime").print_stats(25)
+    for p in BWD_PROF:
+        sio.write("\n== backward thread (launch_bwd)\n")
+        pstats.Stats(p, stream=sio).sort_stats("cumulative").print_stats(50)
     sys.stderr.write(sio.getvalue())
 """
 
@@ -151,7 +174,10 @@ def run_child(label: str, env: dict, log, out_dir: Path) -> dict | None:
         log(f"== {label}: FAILED rc={res.returncode}\n{res.stderr[-2000:]}")
         return None
     data = json.loads(res.stdout.strip().splitlines()[-1])
-    log(f"== {label}: total {data['total']:.3f} s  errors {data['errors']}")
+    log(
+        f"== {label}: total {data['total']:.3f} s (first call, imports excluded: "
+        f"{data.get('first_call', float('nan')):.3f} s)  errors {data['errors']}"
+    )
     log(f"   cache {data['cache']}")
     log(f"   new top-level modules: {data['new_modules']}")
     for ev in data["events"]:
@@ -163,6 +189,7 @@ def run_child(label: str, env: dict, log, out_dir: Path) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--only", nargs="*", help="run only these labels (cold runs first)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +223,8 @@ def main() -> None:
             ),
         ]
         for label, extra in runs:
+            if args.only and label not in args.only:
+                continue
             run_child(label, dict(base, **extra), log, out_dir)
     (out_dir / "profile_compile.txt").write_text("\n".join(lines) + "\n")
 

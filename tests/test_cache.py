@@ -493,3 +493,68 @@ def test_autotuned_interpreted_kernel_is_self_contained(tmp_path):
     mod = loader.load_module(path, "attnforge_test.tuned", interpret=True)
     assert type(mod.kernel.fn).__name__ == "SelfContainedInterpretedFunction"
     _check_fwd(mod)
+
+
+# -- BinaryStore: compiled GPU binaries kept in an entry --------------------------------------
+
+
+def _binary_files():
+    return {"k.json": b'{"name": "k"}', "k.cubin": bytes(range(256)) * 8}
+
+
+def test_binary_store_round_trip(tmp_path):
+    store = cache.BinaryStore(tmp_path / "bin")
+    assert store.get("key-1") is None
+    assert store.put("key-1", _binary_files(), {"hash": "abc", "name": "k"})
+    paths, meta = store.get("key-1")
+    assert meta == {"hash": "abc", "name": "k"}
+    assert {n: p.read_bytes() for n, p in paths.items()} == _binary_files()
+    assert store.get("key-2") is None  # another key: a miss
+
+
+def test_binary_store_key_must_match_in_full(tmp_path):
+    store = cache.BinaryStore(tmp_path / "bin")
+    store.put("key-1", _binary_files(), {"hash": "abc"})
+    manifest = next((tmp_path / "bin").rglob("manifest.json"))
+    data = json.loads(manifest.read_text())
+    data["key"] = "key-1 of another build"  # as if two keys shared a directory hash
+    manifest.write_text(json.dumps(data))
+    assert store.get("key-1") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "manifest"])
+def test_binary_store_damage_warns_and_misses(tmp_path, damage):
+    store = cache.BinaryStore(tmp_path / "bin")
+    store.put("key-1", _binary_files(), {"hash": "abc"})
+    cubin = next((tmp_path / "bin").rglob("k.cubin"))
+    manifest = cubin.parent / "manifest.json"
+    if damage == "flip":
+        data = bytearray(cubin.read_bytes())
+        data[100] ^= 1
+        cubin.write_bytes(bytes(data))
+    elif damage == "truncate":
+        cubin.write_bytes(cubin.read_bytes()[:10])
+    elif damage == "missing":
+        cubin.unlink()
+    else:
+        manifest.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="corrupt compiled binary"):
+        assert store.get("key-1") is None
+    assert not manifest.exists()  # discarded: the next save rewrites it
+    assert store.get("key-1") is None
+    assert store.put("key-1", _binary_files(), {"hash": "abc"})
+    assert store.get("key-1") is not None
+
+
+def test_binary_store_unwritable_is_silent(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = cache.BinaryStore(blocker / "bin")  # a path below a regular file
+    assert store.put("key-1", _binary_files(), {}) is False
+    assert store.get("key-1") is None
+
+
+def test_binary_store_rejects_odd_names(tmp_path):
+    store = cache.BinaryStore(tmp_path / "bin")
+    assert store.put("k", {"../escape.cubin": b"x"}, {}) is False
+    assert store.put("k", {"manifest.json": b"x"}, {}) is False

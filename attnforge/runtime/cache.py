@@ -7,6 +7,8 @@ Layout under ``ATTNFORGE_CACHE_DIR`` (default ``~/.cache/attnforge``)::
                                       ir.txt      the IR it was generated from
                                       meta.json   the kernel ABI (codegen's)
                                       entry.json  sha256 of every file above; written last
+                                      bin/        GPU binaries Triton compiled for these kernels
+                                                  (``BinaryStore``; own manifests and checksums)
 
 ``key`` is the codegen's content key (``Lowered.key``: IR structure, never names or captured
 values). The fingerprint hashes attnforge's own code generator (``codegen/**/*.py``, its templates,
@@ -45,6 +47,8 @@ log = logging.getLogger("attnforge")
 
 _ENTRY = "entry.json"
 _KERNELS = ("fwd", "bwd")
+_BINARIES = "bin"  # compiled GPU binaries of the entry's kernels (BinaryStore)
+_MANIFEST = "manifest.json"
 _FORMAT = 1
 
 
@@ -58,11 +62,14 @@ class CacheInfo(NamedTuple):
     codegen_seconds: float  # total time producing sources (``lowered.files``)
     import_seconds: float  # total time importing kernel modules
     cache_dir: str
+    binary_loads: int = 0  # GPU kernels loaded from binaries kept in an entry (no Triton compile)
+    binary_saves: int = 0  # GPU binaries copied into an entry
 
 
 class _Stats:
     def __init__(self) -> None:
         self.hits = self.misses = self.disk_hits = self.compiles = 0
+        self.binary_loads = self.binary_saves = 0
         self.codegen_seconds = self.import_seconds = 0.0
 
 
@@ -109,6 +116,8 @@ def cache_info() -> CacheInfo:
             codegen_seconds=_stats.codegen_seconds,
             import_seconds=_stats.import_seconds,
             cache_dir=str(cache_root()),
+            binary_loads=_stats.binary_loads,
+            binary_saves=_stats.binary_saves,
         )
 
 
@@ -274,11 +283,94 @@ def _import_entry(directory: Path, key: str, device_kind: str) -> dict[str, Modu
         if kind == "fwd" or path.exists():
             module = loader.load_module(path, loader.module_name(key, kind, device_kind), interpret)
             module.__attnforge_key__ = key
+            if not interpret:  # GPU: direct launches, binaries kept in this entry
+                loader.install_launchers(module, BinaryStore(directory / _BINARIES / kind))
             modules[kind] = module
     dt = time.perf_counter() - t0
     _stats.import_seconds += dt
     _debug("import %s %s: %.1f ms", device_kind, key[:16], dt * 1e3)
     return modules
+
+
+# -- compiled GPU binaries kept in an entry --
+
+
+class BinaryStore:
+    """Triton's compiled artefacts (metadata ``.json`` and ``.cubin``) of one kernel module,
+    kept inside its cache entry so a new process can load them without ``triton.compile``::
+
+        <entry>/bin/<fwd|bwd>/<sha256(key)[:32]>/<name>.json, <name>.cubin, manifest.json
+
+    ``key`` is built by ``loader.Launcher`` (Triton's kernel key, the kernel source's sha256,
+    triton build, target, options, compile-affecting environment); the manifest repeats it in
+    full (a hash collision is a miss) with a sha256 per file, and is written last. A damaged
+    or mismatching binary warns, is discarded and Triton compiles instead.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, key: str) -> Path:
+        return self.root / _sha256(key.encode())[:32]
+
+    def get(self, key: str) -> tuple[dict[str, Path], dict] | None:
+        """``({file name: path}, meta)`` of a complete, intact binary for ``key``; else None."""
+        directory = self._dir(key)
+        marker = directory / _MANIFEST
+        try:
+            text = marker.read_text()
+        except OSError:
+            return None
+        try:
+            manifest = json.loads(text)
+            if manifest.get("format") != _FORMAT or manifest.get("key") != key:
+                return None  # another build's binary (or a collision): not ours to use
+            paths = {}
+            for name, digest in manifest["files"].items():
+                path = directory / name
+                if _sha256(path.read_bytes()) != digest:
+                    raise ValueError(f"{path} does not match its checksum")
+                paths[name] = path
+            if not any(n.endswith(".json") for n in paths):
+                raise ValueError("no kernel metadata (.json)")
+            meta = manifest["meta"]
+        except Exception as exc:  # noqa: BLE001 - damage of any kind: compile instead
+            warnings.warn(
+                f"attnforge: corrupt compiled binary {directory} ({type(exc).__name__}: {exc}); "
+                "recompiling it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _discard(marker)
+            return None
+        with _lock:
+            _stats.binary_loads += 1
+        _debug("binary hit %s", directory)
+        return paths, meta
+
+    def put(self, key: str, files: dict[str, bytes], meta: dict) -> bool:
+        """Keep ``files`` for ``key``; False (never an exception) when it cannot be written."""
+        directory = self._dir(key)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            digests = {}
+            for name, data in sorted(files.items()):
+                if "/" in name or name.startswith(".") or name == _MANIFEST:
+                    raise ValueError(f"bad binary file name {name!r}")
+                _atomic_write(directory / name, data)
+                digests[name] = _sha256(data)
+            manifest = {"format": _FORMAT, "key": key, "files": digests, "meta": meta}
+            _atomic_write(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
+        except (OSError, ValueError) as exc:
+            _debug("cannot keep binary in %s: %s", directory, exc)
+            return False
+        with _lock:
+            _stats.binary_saves += 1
+        _debug("binary kept %s", directory)
+        return True
+
+    def discard(self, key: str) -> None:
+        _discard(self._dir(key) / _MANIFEST)
 
 
 # -- files --

@@ -115,6 +115,14 @@ _declare(
     "passes overlap); 0 compiles them one by one at launch",
 )
 _declare(
+    "ATTNFORGE_DIRECT_LAUNCH",
+    "bool",
+    True,
+    "GPU: launch a kernel already run with the same argument specialisation directly (skipping "
+    "Triton's per-call binding), and load binaries kept in the kernel cache entry instead of "
+    "calling triton.compile in a new process; 0 uses Triton's launch and compile path",
+)
+_declare(
     "ATTNFORGE_INTERPRET",
     "bool",
     False,

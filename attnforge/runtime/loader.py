@@ -357,3 +357,415 @@ def _library_forces_interpreter() -> bool:
 
 def is_interpreted(kind: str) -> bool:
     return kind.endswith("-interp")
+
+
+# -- GPU launches without Triton's per-call and per-process front door --------------------------
+#
+# ``install_launchers`` replaces each kernel of a compiled module (a ``JITFunction`` that no other
+# jit function of the module calls) with a :class:`Launcher`, which keeps ``kernel[grid](...)``,
+# ``.warmup(...)``, ``.run(...)`` and every other attribute of the JITFunction, and adds:
+#
+# - direct launch: after the first normal launch of a (kernel, argument layout, keyword
+#   arguments, specialisation inputs), later calls with the same inputs call the
+#   ``CompiledKernel``'s launcher directly, skipping ``JITFunction.run``'s binder and cache key
+#   (most of its ~15-25 µs for ~60 arguments). The lookup key *refines* Triton's
+#   specialisation: the type of every argument, the value of every int/bool/None/str argument,
+#   the dtype and the low 7 address bits of every tensor (Triton specialises on 16-byte
+#   alignment), the keyword arguments (constexprs and options) and Triton's debug /
+#   instrumentation knobs. Floats are not in it (Triton never specialises a float's value;
+#   ``tests/test_direct_launch.py`` pins both). Equal keys therefore mean equal specialisation,
+#   so the binary that ran before is the binary Triton would pick. Launch hooks, pre-run hooks,
+#   a callable grid or an argument of any other type take Triton's path.
+# - binaries kept in the kernel cache entry (``store``: ``cache.BinaryStore``): when Triton must
+#   compile (its in-process cache missed), a binary kept in our entry for the same Triton kernel
+#   key, kernel source, triton build, target, options and compile-affecting environment becomes
+#   the ``CompiledKernel`` directly, so a warm process never runs ``triton.compile`` (whose
+#   per-process ``triton_key()`` hashes all of ``libtriton.so``). Checksums are verified; any
+#   mismatch or error compiles normally. New binaries are copied into the entry after their first
+#   direct-launch registration.
+#
+# Both are CUDA-only (interpreted modules are never wrapped), feature-detected (triton >= 3.2
+# internals differ: anything missing means Triton's own path) and switched off together by
+# ``ATTNFORGE_DIRECT_LAUNCH=0``.
+
+_DIRECT_KNOB = "ATTNFORGE_DIRECT_LAUNCH"
+_SCALAR_TYPES = (int, bool, type(None), str)
+_MAX_ENTRIES = 64  # specialisations remembered per argument layout (then start over)
+
+
+def install_launchers(module: ModuleType, store=None) -> list[str]:
+    """Wrap the launchable kernels of a *compiled* module in :class:`Launcher` objects (module
+    attributes are replaced; nothing happens for interpreted modules or without triton).
+    Returns the wrapped names."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # pragma: no cover
+        return []
+    jits = {n: v for n, v in vars(module).items() if type(v) is JITFunction}
+    called: set = set()
+    for value in jits.values():
+        called |= _global_names(value.fn.__code__)
+    digest = _file_digest(getattr(module, "__file__", None))
+    wrapped = []
+    for name, value in jits.items():
+        if name not in called:
+            setattr(module, name, Launcher(value, store, digest))
+            wrapped.append(name)
+    return wrapped
+
+
+def _global_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return names
+
+
+def _file_digest(path) -> str:
+    import hashlib
+
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _direct_enabled() -> bool:
+    from . import knobs
+
+    return knobs.get(_DIRECT_KNOB)
+
+
+class _Layout:
+    """How to read the specialisation inputs of one argument layout (types + keywords)."""
+
+    __slots__ = ("values", "tensors", "tail", "kernels")
+
+    def __init__(self, values, tensors, tail):
+        self.values = values  # args -> the int/bool/None/str arguments (itemgetter)
+        self.tensors = tensors  # args -> the tensor arguments (itemgetter)
+        self.tail = tail  # parameter values after the positional ones (keywords, defaults)
+        self.kernels: dict = {}  # key() -> (launcher, function, packed metadata, kernel)
+
+    def key(self, device, args: tuple) -> tuple:
+        """What Triton's specialisation of ``args`` depends on, and more (a refinement)."""
+        tensors = tuple([(t.dtype, t.data_ptr() & 127) for t in self.tensors(args)])
+        return device, self.values(args), tensors
+
+
+_UNSUPPORTED = object()  # a layout that always takes Triton's path
+
+
+def _getter(positions: list):
+    import operator
+
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+class Launcher:
+    """A compiled Triton kernel with a direct-launch fast path and binaries kept in our cache
+    (see the comment above :func:`install_launchers`). Behaves like the ``JITFunction`` it wraps
+    (``.jit``): ``kernel[grid](*args, **kw)``, ``.warmup(*args, grid=..., **kw)``, ``.run``,
+    attribute access (``.fn``, ``.params``, ...)."""
+
+    def __init__(self, jit, store=None, source_digest: str = ""):
+        self.jit = jit
+        self.store = store
+        self.source_digest = source_digest
+        self._layouts: dict = {}
+        self._saved: set = set()
+        self._from_store: set = set()  # ids of CompiledKernels built from the store
+        self._options: dict = {}  # Triton kernel key -> the parsed options it was compiled with
+        self._device = self._stream = None
+        self._hooked = _hook_compile(self)
+
+    # -- JITFunction look-alike --
+
+    def __getattr__(self, name: str):
+        return getattr(self.jit, name)
+
+    def __repr__(self) -> str:
+        return f"Launcher({self.jit!r})"
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def warmup(self, *args, grid, **kwargs):
+        return self.jit.warmup(*args, grid=grid, **kwargs)
+
+    # -- launch --
+
+    def run(self, *args, grid, warmup, **kwargs):
+        jit = self.jit
+        if warmup or type(grid) is not tuple or jit.pre_run_hooks or not _direct_enabled():
+            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+        rt = _triton_knobs()
+        if rt is None or not _hooks_empty(rt):
+            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+        try:
+            lkey = (tuple(map(type, args)), tuple(kwargs.items()), rt.runtime.debug,
+                    rt.compilation.instrumentation_mode)  # fmt: skip
+            layout = self._layouts.get(lkey)
+            if layout is None or layout is _UNSUPPORTED:
+                return self._slow(args, grid, kwargs, lkey, layout)
+            device = self._device()
+            sub = layout.key(device, args)
+            entry = layout.kernels.get(sub)
+        except TypeError:  # an unhashable argument: Triton's path decides
+            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+        if entry is None:
+            return self._slow(args, grid, kwargs, lkey, layout, sub)
+        for (name, _), (val, globals_dict) in jit.used_global_vals.items():
+            now = globals_dict.get(name, _MISSING)
+            if now is not val and now != val:  # changed: Triton's path raises the error
+                return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+        launcher, function, packed, kernel = entry
+        n = len(grid)
+        launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device),
+                 function, packed, None, None, None, *args, *layout.tail)  # fmt: skip
+        return kernel
+
+    def _slow(self, args, grid, kwargs, lkey, layout, sub=None):
+        """Triton's launch; then remember the kernel it ran for this layout/specialisation."""
+        kernel = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
+        if layout is _UNSUPPORTED:
+            return kernel
+        try:
+            self._record(kernel, args, kwargs, lkey, layout, sub)
+        except Exception as exc:  # noqa: BLE001 - a speed-up only
+            _debug("direct launch disabled for %s: %r", self.jit, exc)
+            self._layouts[lkey] = _UNSUPPORTED
+        return kernel
+
+    def _record(self, kernel, args, kwargs, lkey, layout, sub) -> None:
+        from triton.compiler import CompiledKernel
+
+        if not isinstance(kernel, CompiledKernel) or kernel.function is None or kernel._run is None:
+            return
+        if self._device is None:
+            self._bind_driver()
+        if layout is None:
+            layout = self._layouts[lkey] = self._make_layout(lkey[0], args, kwargs)
+            if layout is _UNSUPPORTED:
+                return
+            sub = None
+        if sub is None:
+            sub = layout.key(self._device(), args)
+        if len(layout.kernels) >= _MAX_ENTRIES:
+            layout.kernels.clear()
+        layout.kernels[sub] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        self._save(kernel, sub[0])
+
+    def _make_layout(self, types: tuple, args: tuple, kwargs: dict):
+        import torch
+
+        params = self.jit.params
+        if len(args) > len(params):
+            return _UNSUPPORTED
+        values, tensors = [], []
+        for i, t in enumerate(types):
+            if issubclass(t, torch.Tensor):
+                tensors.append(i)
+            elif t is float:
+                continue  # Triton types a float as fp32 whatever its value
+            elif t in _SCALAR_TYPES:
+                values.append(i)
+            else:
+                return _UNSUPPORTED
+        tail = []
+        for p in params[len(args) :]:
+            if p.name in kwargs:
+                tail.append(kwargs[p.name])
+            elif p.has_default:
+                tail.append(p.default)
+            else:
+                return _UNSUPPORTED
+        return _Layout(_getter(values), _getter(tensors), tuple(tail))
+
+    def _bind_driver(self) -> None:
+        from triton.runtime.driver import driver
+
+        active = driver.active
+        self._stream = active.get_current_stream
+        self._device = active.get_current_device
+
+    # -- binaries kept in our cache entry --
+
+    def _save(self, kernel, device) -> None:
+        if self.store is None or id(kernel) in self._from_store or id(kernel) in self._saved:
+            return
+        caches = self.jit.device_caches.get(device)
+        if caches is None:
+            return
+        kernel_cache, _, target, backend, _ = caches
+        key = next((k for k, v in kernel_cache.items() if v is kernel), None)
+        if key is None:
+            return
+        self._saved.add(id(kernel))
+        files = {}
+        for name, path in kernel.metadata_group.items():
+            if name.endswith(".json") or name.endswith("." + backend.binary_ext):
+                files[name] = Path(path).read_bytes()
+        meta = {"hash": kernel.hash, "name": kernel.name}
+        store_key = self._store_key(key, target, self._options.get(key))
+        if store_key is not None:
+            self.store.put(store_key, files, meta)
+
+    def _store_key(self, key: str, target, options) -> str | None:
+        env = _compile_env()
+        if env is None or options is None:
+            return None
+        return "\n".join([
+            "attnforge-triton-binary 1", self.jit.__name__, self.source_digest, env,
+            repr(target), options.hash(), key,
+        ])  # fmt: skip
+
+    def _load(self, key, signature, device, constexprs, options, attrs):
+        """A CompiledKernel from the store for Triton's ``_do_compile`` arguments, or None."""
+        from triton.compiler import ASTSource, CompiledKernel
+        from triton.runtime.errors import OutOfResources
+
+        if self.store is None or not _direct_enabled() or not _store_allowed():
+            return None
+        kernel_cache, _, target, _, _ = self.jit.device_caches[device]
+        store_key = self._store_key(key, target, options)
+        if store_key is None:
+            return None
+        found = self.store.get(store_key)
+        if found is None:
+            return None
+        paths, meta = found
+        try:
+            src = ASTSource(self.jit, signature, constexprs, attrs)
+            kernel = CompiledKernel(src, {n: str(p) for n, p in paths.items()}, meta["hash"])
+            try:
+                kernel._init_handles()  # load the binary now: a bad one compiles instead
+            except OutOfResources:
+                pass  # as after a compile: the launch raises it (launch_shrinking retries)
+        except Exception as exc:  # noqa: BLE001
+            _debug("kept binary for %s not usable (%r): compiling", self.jit, exc)
+            self.store.discard(store_key)
+            return None
+        self._from_store.add(id(kernel))
+        kernel_cache[key] = kernel
+        return kernel
+
+
+_MISSING_KNOBS = object()
+_knobs_module = _MISSING_KNOBS
+_HookChain = None
+
+
+def _triton_knobs():
+    global _knobs_module, _HookChain
+    if _knobs_module is _MISSING_KNOBS:
+        try:
+            from triton import knobs as tk
+
+            tk.runtime.debug, tk.compilation.instrumentation_mode  # noqa: B018
+            _HookChain = getattr(tk, "HookChain", None)
+            _knobs_module = tk
+        except (ImportError, AttributeError):
+            _knobs_module = None
+    return _knobs_module
+
+
+def _hooks_empty(tk) -> bool:
+    """No launch hook to call (triton 3.6 keeps an empty ``HookChain``; older: None)."""
+    rt = tk.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and (type(hook) is not _HookChain or hook.calls):
+            return False
+    return True
+
+
+def _store_allowed() -> bool:
+    """No user compile hooks and no forced recompiles: Triton's compile must run then."""
+    tk = _triton_knobs()
+    if tk is None:
+        return False
+    rt, comp = tk.runtime, tk.compilation
+    return (
+        rt.jit_cache_hook is None
+        and rt.jit_post_compile_hook is None
+        and not getattr(comp, "always_compile", False)
+        and not getattr(comp, "override", False)
+        and not getattr(comp, "dump_ir", False)
+    )
+
+
+_env_text = None
+
+
+def _compile_env() -> str | None:
+    """What else Triton's compile cache key hashes, cheaply: triton version and build (the
+    installed files' sizes and times instead of ``triton_key()``'s sha256 of them) and the
+    compile-affecting environment variables."""
+    global _env_text
+    try:
+        import triton
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+    except ImportError:
+        return None
+    if _env_text is None:
+        root = Path(triton.__file__).parent
+        stats = []
+        for rel in sorted(p for p in (root / "_C").iterdir() if p.name.startswith("libtriton")):
+            st = rel.stat()
+            stats.append(f"{rel.name}:{st.st_size}:{st.st_mtime_ns}")
+        for rel in ("compiler/compiler.py", "backends/nvidia/compiler.py", "runtime/jit.py"):
+            p = root / rel
+            if p.exists():
+                st = p.stat()
+                stats.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+        _env_text = f"triton {triton.__version__} {root} {' '.join(stats)}"
+    env = sorted(get_cache_invalidating_env_vars().items())
+    return f"{_env_text}\n{env}"
+
+
+_DO_COMPILE_PARAMS = ("key", "signature", "device", "constexprs", "options", "attrs", "warmup")
+
+
+def _hook_compile(launcher: Launcher) -> bool:
+    """Route the JITFunction's compile through the store (instance attribute over the method);
+    only where ``_do_compile`` has the triton 3.4-3.6 signature."""
+    import inspect
+
+    jit = launcher.jit
+    original = getattr(jit, "_do_compile", None)
+    if original is None or not hasattr(jit, "device_caches"):
+        return False
+    try:
+        names = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        return False
+    if names != _DO_COMPILE_PARAMS:
+        return False
+
+    def _do_compile(key, signature, device, constexprs, options, attrs, warmup):
+        try:
+            kernel = launcher._load(key, signature, device, constexprs, options, attrs)
+        except Exception as exc:  # noqa: BLE001 - never worse than Triton's compile
+            _debug("binary store lookup failed for %s: %r", jit, exc)
+            kernel = None
+        if kernel is not None:
+            return kernel
+        launcher._options[key] = options
+        return original(key, signature, device, constexprs, options, attrs, warmup)
+
+    jit._do_compile = _do_compile
+    return True
+
+
+def _debug(msg: str, *args) -> None:
+    from . import cache
+
+    cache._debug(msg, *args)
