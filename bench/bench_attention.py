@@ -240,16 +240,22 @@ q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16, requ
            for _ in range(3))
 def mod(score, b, h, q_idx, kv_idx):
     return torch.where(q_idx >= kv_idx, cap * torch.tanh(score / cap) + 0.125 * h, -float("inf"))
+# imports (triton, the library) are timed apart from the first call
 t0 = time.perf_counter()
+import triton
 if impl == "attnforge":
     import attnforge as af
-    out = af.flex_attention(q, k, v, score_mod=mod)
+    attention = af.flex_attention
+    import attnforge.runtime.api  # attnforge imports lazily: what the first call would import
 else:
     from torch.nn.attention.flex_attention import flex_attention
-    out = torch.compile(flex_attention)(q, k, v, score_mod=mod)
+    attention = torch.compile(flex_attention)
+t1 = time.perf_counter()
+out = attention(q, k, v, score_mod=mod)
 out.sum().backward()
 torch.cuda.synchronize()
-print(time.perf_counter() - t0)
+print("import", t1 - t0)
+print(time.perf_counter() - t1)
 """
 
 
@@ -259,7 +265,7 @@ def compile_times(log):
         env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=cache + "/ind")
         code = _COLD_SNIPPET.format(root=str(ROOT))
         for impl in ("attnforge", "flex"):
-            times = []
+            times, imports = [], []
             for cap in ("31.5", "31.5"):  # cold (empty caches), then warm disk in a new process
                 out = subprocess.run(
                     [sys.executable, "-c", code, impl, cap], env=env, capture_output=True, text=True
@@ -267,10 +273,17 @@ def compile_times(log):
                 if out.returncode != 0:
                     log(f"  compile {impl}: failed: {out.stderr[-400:]}")
                     times.append(None)
+                    imports.append(None)
                 else:
-                    times.append(float(out.stdout.strip().splitlines()[-1]))
-            res[impl] = {"cold_s": times[0], "warm_disk_s": times[1]}
-            log(f"  compile {impl}: cold {times[0]} s, warm disk {times[1]} s")
+                    lines = out.stdout.strip().splitlines()
+                    times.append(float(lines[-1]))
+                    imports.append(float(lines[-2].split()[1]))
+            # first call = forward + backward of a new variant, imports excluded (import_s)
+            res[impl] = {"cold_s": times[0], "warm_disk_s": times[1], "import_s": imports[1]}
+            log(
+                f"  compile {impl}: cold {times[0]} s, warm disk {times[1]} s, "
+                f"imports {imports[1]} s"
+            )
     return res
 
 
@@ -343,6 +356,23 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], outdir: Path) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    data = {"env": runs[0]["env"], "command": [], "rows": [], "compile": {}}
+    for run in runs:
+        if run["env"] != data["env"]:
+            sys.exit(f"cannot merge runs from different environments: {run['env']}")
+        cmd = run["command"]
+        data["command"] += cmd if isinstance(cmd, list) else [cmd]
+        data["rows"] += run["rows"]
+        data["compile"] = run["compile"] or data["compile"]
+    name = Path(paths[0]).stem
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (outdir / f"{name}.md").write_text(markdown(data["rows"]) + "\n")
+    print(markdown(data["rows"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -355,7 +385,12 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="*", default=None)
     ap.add_argument("--no-compile-bench", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="only merge earlier JSON results (e.g. the D=128 and D=64 runs of one "
+                    "session, each within one device call) into one JSON + table")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (run it through the device tool)")
 

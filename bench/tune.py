@@ -7,7 +7,8 @@ One process, same inputs for every implementation; each config is checked agains
         --fwd 128x64w8s3 128x128w8s3 --bwd 32,128,128,32,w8s2 64,128,128,64,w8s3
     python bench/tune.py --template bench/exp/fwd_v0.py.tmpl ...   # A/B a template copy
 
-Forward configs are ``BMxBNwWsS``; backward ``M1,N1,M2,N2,wWsS`` (kernel_options keys).
+Forward configs are ``BMxBNwWsS``; backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys;
+``a1``/``a0``: ``DQ_ATOMIC`` True/False).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ def parse_fwd(s: str) -> dict:
 
 
 def parse_bwd(s: str) -> dict:
-    m = re.fullmatch(r"(\d+),(\d+),(\d+),(\d+),w(\d+)s(\d+)", s)
+    m = re.fullmatch(r"(\d+),(\d+),(\d+),(\d+),w(\d+)s(\d+)(?:,a([01]))?", s)
     if not m:
-        raise SystemExit(f"bad backward config {s!r}: want M1,N1,M2,N2,wWsS")
-    m1, n1, m2, n2, w, st = map(int, m.groups())
-    return dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st)
+        raise SystemExit(f"bad backward config {s!r}: want M1,N1,M2,N2,wWsS[,a0|a1]")
+    m1, n1, m2, n2, w, st = map(int, m.groups()[:6])
+    opts = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st)
+    if m.group(7) is not None:  # a1: dQ by atomics in the dK/dV kernel, a0: its own kernel
+        opts["DQ_ATOMIC"] = m.group(7) == "1"
+    return opts
 
 
 def use_template(path: str) -> None:

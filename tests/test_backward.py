@@ -400,7 +400,7 @@ def test_default_backward_tiles_follow_measurements():
     from attnforge.runtime.launch import BwdConfig, _default_bwd
 
     cuda = torch.device("cuda")
-    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 2)
+    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 3, True)
     assert _default_bwd(cuda, torch.float16, 64) == BwdConfig(64, 64, 64, 64, 4, 3)
     assert _default_bwd(torch.device("cpu"), torch.float32, 64).num_stages == 1
 
@@ -514,7 +514,7 @@ SCALAR = {{"float": "fp32", "int": "i32", "bool": "i1"}}
 def arg_type(a, dtype, slots):
     if a in ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV"):
         return "*" + dtype
-    if a in ("LSE", "DELTA", "DLSE") or a.startswith("DT") and a[2:].isdigit():
+    if a in ("LSE", "DELTA", "DLSE", "DQ_ACC") or a.startswith("DT") and a[2:].isdigit():
         return "*fp32"
     if "NUM_BLKS" in a or a.endswith("_IDX"):
         return "*i32"
@@ -532,7 +532,7 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
     common = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=even, EVEN_KV=even,
                   HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32", TENSOR_GRADS=(1 << 8) - 1,
-                  HAS_DLSE=True)
+                  HAS_DLSE=True, DQ_ATOMIC=i != 1)  # dQ by atomics in the dK/dV kernel
     tiles = {{"_attn_bwd_preprocess": dict(BLOCK_M=128), "_attn_bwd_dkdv": dict(BLOCK_M=32,
              BLOCK_N=128), "_attn_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32)}}
     for name, tile in tiles.items():
@@ -646,3 +646,58 @@ def test_gpu_peak_memory_is_linear_in_length():
     except Exception as exc:  # pragma: no cover - informative only
         print(f"FlexAttention not measured: {exc}")
     assert ours < 8 * inputs
+
+
+# -- dQ by atomics in the dK/dV kernel (DQ_ATOMIC) against its own kernel ------------------------
+
+ATOMIC_SHAPES = {
+    "plain": Shape(),
+    "gqa_4to1_d40": Shape(Hq=4, Hkv=1, E=40, Ev=40),
+    "bkv1": Shape(B=3, Bkv=1),
+    "odd_blocks": Shape(L=17, S=50, block=(32, 16)),
+    "l1": Shape(L=1, S=17),
+}
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+@pytest.mark.parametrize("shape", sorted(ATOMIC_SHAPES))
+@pytest.mark.parametrize("name", ["causal_offset_masked_rows", "softcap_causal", "leaky"])
+def test_dq_atomic_and_separate(name, shape, atomic):
+    run_case(BY_NAME[name], ATOMIC_SHAPES[shape], kernel_options={"DQ_ATOMIC": atomic})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dq_atomic_16bit(dtype):
+    run_case(BY_NAME["softcap_causal"], Shape(L=70, S=70, E=32, Ev=32), dtype=dtype,
+             kernel_options={"DQ_ATOMIC": True})  # fmt: skip
+
+
+def test_dq_atomic_policy(monkeypatch):
+    from attnforge.runtime.launch import BwdConfig, use_dq_atomic
+
+    on, off = BwdConfig(64, 128, 128, 64, 8, 3, True), BwdConfig(64, 64, 64, 64, 4, 3, False)
+    assert use_dq_atomic(on, {}, 0) and not use_dq_atomic(off, {}, 0)
+    assert not use_dq_atomic(on, {}, 0b1)  # captured tensors need grads: the dQ kernel runs
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not use_dq_atomic(on, {}, 0)  # atomic order is not reproducible
+    assert use_dq_atomic(on, {"DQ_ATOMIC": True}, 0)  # an explicit choice wins
+    with pytest.raises(ValueError, match="True or False"):
+        af.flex_attention(*(torch.randn(1, 1, 16, 16) for _ in range(3)),
+                          kernel_options={"DQ_ATOMIC": 1})  # fmt: skip
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_no_dq_when_q_needs_no_grad(atomic):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 40, 16)
+    k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(2))
+    bm = af.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 40, 40, device="cpu",
+                              BLOCK_SIZE=16)  # fmt: skip
+    out = af.flex_attention(q, k, v, block_mask=bm, kernel_options={"DQ_ATOMIC": atomic})
+    out.sum().backward()
+    rk, rv = (t.detach().double().requires_grad_(True) for t in (k, v))
+    want = reference_attention(q.double(), rk, rv, mask_mod=lambda b, h, qi, ki: qi >= ki)
+    want.sum().backward()
+    assert q.grad is None
+    torch.testing.assert_close(k.grad.double(), rk.grad, atol=1e-4, rtol=0)
+    torch.testing.assert_close(v.grad.double(), rv.grad, atol=1e-4, rtol=0)

@@ -529,7 +529,8 @@ def compile_fwd(i, score, mask, dtype, D, DV, even):
     pad = lambda d: max(16, 1 << (d - 1).bit_length())
     const = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                  BLOCK_M=128, BLOCK_N=64, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128,
-                 EVEN_KV=even, HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32")
+                 EVEN_KV=even, HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32",
+                 SCALE_FOLDED=low.score is None)
     slots = {{s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype])
               for s in low.slots}}
     sig, constexprs = {{}}, {{}}
@@ -692,3 +693,19 @@ def test_gpu_fast_tanh_accuracy():
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@pytest.mark.parametrize("scale", [2.5, 0.0, -0.7])
+@pytest.mark.parametrize("masked", [False, True])
+def test_scale_sign_paths(scale, masked):
+    # sm_scale > 0 with no score_mod takes the folded path (max over raw q.k, scale inside the
+    # exp2 FMA); 0 and negative scales keep the scores scaled first: both must match
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 73, 32) for _ in range(3))
+    bm = None
+    if masked:
+        bm = af.create_block_mask(
+            lambda b, h, q_idx, kv_idx: q_idx >= kv_idx + 5, None, None, 73, 73, device="cpu"
+        )  # rows 0-4 keep no key
+    check(q, k, v, bm=bm, scale=scale)
+    check(q, k, v, score_mod=lambda s, b, h, qi, ki: s + 0.01 * (qi - ki), bm=bm, scale=scale)

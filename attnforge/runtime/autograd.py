@@ -46,8 +46,10 @@ class FlexAttentionFunction(torch.autograd.Function):
         # lse is an output only with return_lse=True; its gradient shifts delta (see bwd.py)
         d_lse = d_lse if call.return_lse else None
         needs = list(ctx.needs_input_grad[4:])
-        dq, dk, dv, grads = launch_bwd(call, q, k, v, out, lse, d_out, d_lse, tensors, needs)
         wanted = ctx.needs_input_grad
+        dq, dk, dv, grads = launch_bwd(
+            call, q, k, v, out, lse, d_out, d_lse, tensors, needs, need_dq=wanted[0]
+        )
         return (
             dq if wanted[0] else None,
             dk if wanted[1] else None,

@@ -41,7 +41,11 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N2": "backward dQ key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
+    "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
+    "kernel (fewer matmuls; the default unless torch.use_deterministic_algorithms is "
+    "on), False computes it in its own kernel (bit-reproducible)",
 }
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
@@ -71,7 +75,11 @@ def check_kernel_options(kernel_options: dict | None) -> dict:
             f"unknown kernel_options {unknown}; valid keys: {valid}; accepted and ignored "
             f"(FlexAttention-only): {', '.join(sorted(IGNORED_FLEX_OPTIONS))}"
         )
-    for k in KERNEL_OPTIONS:
+    for k in _BOOL_OPTIONS:
+        v = kernel_options.get(k)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"kernel_options[{k!r}] must be True or False, got {v!r}")
+    for k in KERNEL_OPTIONS.keys() - _BOOL_OPTIONS:
         v = kernel_options.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ValueError(f"kernel_options[{k!r}] must be a positive int, got {v!r}")
@@ -290,7 +298,9 @@ def launch_fwd(
         Hq, call.gqa_group, L, S, call.scale,
         *_param_args(call.lowered, call.scalars, tensors),
     )  # fmt: skip
-    shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype)
+    # sm_scale > 0: the softmax can take its max over raw q.k and fold the scale into exp2
+    folded = call.scale > 0 and call.lowered.score is None
+    shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype, folded)
 
     def run(cfg: FwdConfig) -> None:
         kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
@@ -423,14 +433,16 @@ def _too_big(kernel, first, last, fixed: frozenset, err: Exception) -> ValueErro
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_constexprs(cfg: FwdConfig, E, Ev, q_block, kv_block, even_kv, has_full, dtype) -> dict:
+def _fwd_constexprs(
+    cfg: FwdConfig, E, Ev, q_block, kv_block, even_kv, has_full, dtype, folded
+) -> dict:
     """The forward's constexpr and launch keywords (memoised: host overhead)."""
     return dict(
         HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
         EVEN_KV=even_kv, HAS_FULL_BLOCKS=has_full,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", SCALE_FOLDED=folded,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -452,19 +464,24 @@ class BwdConfig:
     BLOCK_N2: int  # dQ kernel: keys per inner step
     num_warps: int
     num_stages: int
+    DQ_ATOMIC: bool = False  # dQ by atomics in the dK/dV kernel (see use_dq_atomic)
 
 
 def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) -> BwdConfig:
     if device.type != "cuda":
-        return BwdConfig(64, 64, 64, 64, 4, 1)  # interpreter: few, large tiles
+        # interpreter: few, large tiles; dQ by atomics, as the CUDA default at D=128 (the CPU
+        # tests cover both paths through kernel_options)
+        return BwdConfig(64, 64, 64, 64, 4, 1, DQ_ATOMIC=True)
     if dtype == torch.float32:
         return BwdConfig(32, 64, 64, 32, 4, 1)
     # 16-bit, measured on H100 (bench/NOTES.md): 64-row dK/dV and 64-key dQ inner steps; a mod
-    # whose scratch overflows the shared memory shrinks them back (launch_shrinking)
+    # whose scratch overflows the shared memory shrinks them back (launch_shrinking).  dQ by
+    # atomics wins at D=128 (the dQ kernel's extra QK^T and dP matmuls cost more than the
+    # atomics) and loses at D=64 (half the matmul work per atomic)
     if head_dim_pad <= 64:
-        return BwdConfig(64, 64, 64, 64, 4, 3)
+        return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 128, 128, 64, 8, 2)
+        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=True)
     return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
@@ -487,7 +504,19 @@ def choose_bwd_config(
         *(tile(n) for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")),
         num_warps=options.get("num_warps", base.num_warps),
         num_stages=options.get("num_stages", base.num_stages),
+        DQ_ATOMIC=options.get("DQ_ATOMIC", base.DQ_ATOMIC),
     )
+
+
+def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
+    """dQ by atomics in the dK/dV kernel (FlashAttention-2's scheme: 5 matmuls per tile pair
+    instead of 7) or by its own kernel, as ``cfg.DQ_ATOMIC`` (the per-head-dim default or
+    ``kernel_options["DQ_ATOMIC"]``) says.  Always its own kernel when captured tensors need
+    gradients (that kernel computes them anyway); not by default under
+    torch.use_deterministic_algorithms(True) (the atomics' order varies)."""
+    if tensor_grads != 0 or not cfg.DQ_ATOMIC:
+        return False
+    return "DQ_ATOMIC" in options or not torch.are_deterministic_algorithms_enabled()
 
 
 def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) -> tuple:
@@ -516,10 +545,11 @@ def launch_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     d_out: torch.Tensor, d_lse: torch.Tensor | None,
-    tensors: list, needs: list[bool],
+    tensors: list, needs: list[bool], need_dq: bool = True,
 ) -> tuple:  # fmt: skip
     """Run the backward kernels: ``(dq, dk, dv, grads)``, ``grads[i]`` the gradient of
-    ``tensors[i]`` (in its dtype) or None where ``needs[i]`` is False or it has none."""
+    ``tensors[i]`` (in its dtype) or None where ``needs[i]`` is False or it has none; dq is
+    None when ``need_dq`` is False."""
     B, Hq, L, E = q.shape
     Bkv, Hkv, S, Ev = v.shape
     dev = q.device
@@ -543,6 +573,12 @@ def launch_bwd(
     vz = 0 if Bkv == 1 else v.stride(0)
     # -- delta = rowsum(dO * O) - dLSE --
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    # -- dQ: atomics into dq_acc inside the dK/dV kernel, or the dQ kernel (see use_dq_atomic) --
+    atomic = use_dq_atomic(cfg, call.options, bits)
+    run_dq_kernel = bits != 0 or (need_dq and not atomic)
+    dq_acc = q  # a dummy pointer when not atomic (never touched)
+    if atomic and need_dq:
+        dq_acc = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev)
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
     pre_args = (
@@ -556,18 +592,20 @@ def launch_bwd(
     z_per_kv = B if Bkv == 1 else 1
     dkdv = mod._attn_bwd_dkdv
     dkdv_args = (
-        q, k, v, d_out, dk, dv, lse, delta,
+        q, k, v, d_out, dk, dv, lse, delta, dq_acc,
         *q_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(),
-        *dk.stride(), *dv.stride(),
+        *dk.stride(), *dv.stride(), *dq_acc.stride(),
         *q_strides,
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
         *params,
     )  # fmt: skip
+    dq_in_dkdv = atomic and need_dq
 
     def dkdv_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
-                    num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
+                    DQ_ATOMIC=dq_in_dkdv, num_warps=c.num_warps, num_stages=c.num_stages,
+                    **consts)  # fmt: skip
 
     # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
     #    safe for the atomics: it is raised when the binary loads, before anything runs) --
@@ -587,13 +625,15 @@ def launch_bwd(
                     TENSOR_GRADS=bits, num_warps=c.num_warps, num_stages=c.num_stages,
                     **consts)  # fmt: skip
 
-    dkdv_key = (*shape_key, has_full_q)
+    dkdv_key = (*shape_key, has_full_q, dq_in_dkdv)
     dq_key = (*shape_key, has_full, bits)
-    precompile(call.options, [
+    jobs = [
         (mod._attn_bwd_preprocess, pre_args, pre_consts, None),
         (dkdv, dkdv_args, dkdv_kw, (cfg, dkdv_key, _DKDV_SHRINK)),
-        (dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK)),
-    ])  # fmt: skip
+    ]
+    if run_dq_kernel:
+        jobs.append((dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK)))
+    precompile(call.options, jobs)
     mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
 
     def run_dkdv(c: BwdConfig) -> None:
@@ -604,8 +644,11 @@ def launch_bwd(
     def run_dq(c: BwdConfig) -> None:
         dq_kernel[(triton_cdiv(L, c.BLOCK_M2), B * Hq)](*dq_args, **dq_kw(c))
 
-    launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
-    return dq, dk, dv, _cast_grads(buffers, tensors)
+    if run_dq_kernel:
+        launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
+    if dq_in_dkdv:
+        dq.copy_(dq_acc)
+    return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)
 
 
 def _cast_grads(buffers: dict[int, torch.Tensor], tensors: list) -> list:

@@ -29,8 +29,14 @@
 #   HAS_FULL_BLOCKS   the FULL lists exist (else FULL_* are dummies and that loop is skipped)
 #   DOT_PRECISION     "ieee" for fp32 inputs (accuracy), "tf32" otherwise (ignored for 16-bit)
 #   sm_scale          softmax scale; score = (q . k) * sm_scale is what score_mod sees
-#   qk                scores in log2 units: score_mod(score) * log2(e), masked to -inf
-#   m_i, l_i, acc     running row max (log2 units), running row sum of exp2(qk - m_i), output
+#   qk                q . k^T (fp32)
+#   s, c              the scores the softmax sees and their log2 factor, exp(score) ==
+#                     exp2(s * c): without a score_mod s = qk and c = sm_scale * log2(e) (the
+#                     scale folds into one FMA per score: exp2(s * c - m * c)); with one,
+#                     s = score_mod(qk * sm_scale) and c = log2(e).  Masked entries are -inf
+#   SCALE_FOLDED      constexpr: no score_mod and sm_scale > 0 (a max of raw scores is then the
+#                     max of scaled ones); otherwise s = qk * sm_scale
+#   m_i, l_i, acc     running row max of s, running row sum of exp2((s - m_i) * c), output
 #                     accumulator; all fp32
 #   score_mod         generated: (score, b, h, q_idx, kv_idx, params) -> modified score
 #   mask_mod          generated: (b, h, q_idx, kv_idx, params) -> keep?
@@ -42,7 +48,7 @@
 #   offs_m, offs_n    absolute row / column indices of the tile; offs_d, offs_dv feature dims
 #   sparse_m          the BlockMask row (q block) of this tile
 #   TILES_PER_BLOCK   SPARSE_KV_BLOCK // BLOCK_N steps per listed kv block
-#   m_ij, p, alpha    new row max, exp2(qk - m_ij), rescale factor exp2(m_i - m_ij)
+#   m_ij, p, alpha    new row max, exp2((s - m_ij) * c), rescale factor exp2((m_i - m_ij) * c)
 import os
 
 import triton
@@ -199,11 +205,12 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K, V, stride_kn, stride_kk, stride_vn, stride_vk,
     BLK_IDX, stride_blk, num_blocks,
-    off_z, off_h, offs_m, KV_LEN, sm_scale,
+    off_z, off_h, offs_m, KV_LEN, sm_scale, c,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
-    EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FULL_BLOCKS: tl.constexpr,
+    EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_FOLDED: tl.constexpr,
+    IS_FULL_BLOCKS: tl.constexpr,
 ):
     # Visit the kv blocks listed at BLK_IDX[0 : num_blocks], BLOCK_N columns at a time.
     # IS_FULL_BLOCKS: every (row, col) of these blocks is kept, so mask_mod is compiled out.
@@ -215,7 +222,6 @@ def _attn_fwd_inner(
     k_offs = (offs_t * stride_kn)[None, :] + (offs_d * stride_kk)[:, None]
     v_offs = (offs_t * stride_vn)[:, None] + (offs_dv * stride_vk)[None, :]
     q_idx = offs_m[:, None]
-    qk_scale = sm_scale * LOG2E
     n_tiles = _trip_count(num_blocks) * TILES_PER_BLOCK
     start_n = tl.load(BLK_IDX, mask=num_blocks > 0, other=0) * SPARSE_KV_BLOCK
     for it in range(0, n_tiles):
@@ -225,23 +231,25 @@ def _attn_fwd_inner(
         k = _load_tile(K + start_n.to(tl.int64) * stride_kn + k_offs, offs_d[:, None] < HEAD_DIM,
                        kv_idx < KV_LEN, HEAD_DIM != HEAD_DIM_PAD, not EVEN_KV)
         qk = tl.dot(_mma_in(q), _mma_in(k), input_precision=DOT_PRECISION)
-        # -- score_mod on the scaled score, then log2 units (scale * log2(e) folded if none) --
+        # -- scores s (see the legend: raw q.k when the scale is folded into exp2's FMA) --
         if HAS_SCORE_MOD:
-            qk = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx) * LOG2E
+            s = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx)
+        elif SCALE_FOLDED:
+            s = qk
         else:
-            qk = qk * qk_scale
+            s = qk * sm_scale
         # -- mask: mask_mod in PARTIAL blocks, key bounds in the tail --
         if HAS_MASK_MOD and not IS_FULL_BLOCKS:
             keep = mask_mod(off_z, off_h, q_idx, kv_idx)
-            qk = tl.where(keep, qk, float("-inf"))
+            s = tl.where(keep, s, float("-inf"))
         if not EVEN_KV:
-            qk = tl.where(kv_idx < KV_LEN, qk, float("-inf"))
-        # -- online softmax update --
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            s = tl.where(kv_idx < KV_LEN, s, float("-inf"))
+        # -- online softmax update: per score one max, one FMA + exp2, one add --
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
         # a row with no kept key so far has m_ij == -inf: subtract 0 so exp2 yields 0, not NaN
         m_ij_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_ij_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_ij_safe)
+        p = tl.math.exp2(s * c - (m_ij_safe * c)[:, None])
+        alpha = tl.math.exp2((m_i - m_ij_safe) * c)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc = acc * alpha + p @ v --
         v = _load_tile(V + start_n.to(tl.int64) * stride_vn + v_offs, offs_n[:, None] < KV_LEN,
@@ -276,6 +284,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
     EVEN_KV: tl.constexpr, HAS_FULL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_FOLDED: tl.constexpr,
 ):
     # -- program -> (query tile, batch, head) --
     # heaviest query tiles first (longest-processing-time order): under a causal mask the last
@@ -301,6 +310,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    c = sm_scale * LOG2E if SCALE_FOLDED and not HAS_SCORE_MOD else LOG2E
     # -- sparse row: which kv blocks this query tile visits --
     sparse_m = (start_m * BLOCK_M) // SPARSE_Q_BLOCK
     num_partial = tl.load(KV_NUM_BLKS + off_z * stride_bnz + off_h * stride_bnh
@@ -311,9 +321,9 @@ def _attn_fwd(
         acc, l_i, m_i, q,
         k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
         partial_idx, stride_bin, num_partial,
-        off_z, off_h, offs_m, KV_LEN, sm_scale,
+        off_z, off_h, offs_m, KV_LEN, sm_scale, c,
         HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-        EVEN_KV, DOT_PRECISION, IS_FULL_BLOCKS=False,
+        EVEN_KV, DOT_PRECISION, SCALE_FOLDED, IS_FULL_BLOCKS=False,
     )
     # -- FULL blocks: mask code compiled out --
     if HAS_FULL_BLOCKS:
@@ -324,15 +334,15 @@ def _attn_fwd(
             acc, l_i, m_i, q,
             k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
             full_idx, stride_fin, num_full,
-            off_z, off_h, offs_m, KV_LEN, sm_scale,
+            off_z, off_h, offs_m, KV_LEN, sm_scale, c,
             HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-            EVEN_KV, DOT_PRECISION, IS_FULL_BLOCKS=True,
+            EVEN_KV, DOT_PRECISION, SCALE_FOLDED, IS_FULL_BLOCKS=True,
         )
     # -- epilogue: normalise; a row that kept no key gets out = 0 and lse = -inf (no NaN) --
     row_empty = l_i == 0.0
     l_safe = tl.where(row_empty, 1.0, l_i)
     acc = acc * (1.0 / l_safe)[:, None]
-    lse = tl.where(row_empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(row_empty, float("-inf"), (m_i * c + tl.math.log2(l_safe)) * LN2)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
               + (offs_m * stride_om)[:, None] + (offs_dv * stride_ok)[None, :])
     row_ok = offs_m < Q_LEN
