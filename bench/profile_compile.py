@@ -127,6 +127,7 @@ t1 = time.perf_counter()
 out = af.flex_attention(q, k, v, score_mod=mod)
 torch.cuda.synchronize()
 t2 = time.perf_counter()
+if prof: prof.disable()  # one profiler at a time (python 3.12): the backward thread gets its own
 out.sum().backward()
 torch.cuda.synchronize()
 t3 = time.perf_counter()
@@ -159,6 +160,7 @@ if prof:
     for p in BWD_PROF:
         sio.write("\n== backward thread (launch_bwd)\n")
         pstats.Stats(p, stream=sio).sort_stats("cumulative").print_stats(50)
+        pstats.Stats(p, stream=sio).sort_stats("tottime").print_stats(20)
     sys.stderr.write(sio.getvalue())
 """
 

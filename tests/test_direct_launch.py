@@ -307,3 +307,28 @@ def test_float_values_never_change_tritons_specialisation():
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     specs = {str(binder(v, 1.0, -3.5)[1]) for v in (0.0, 1.0, 16.0, -1.0, 1e30, float("nan"))}
     assert len(specs) == 1
+
+
+def test_direct_launch_rechecks_the_kernels_globals(tmp_path):
+    """Triton refuses to launch when a global the kernel read at compile time has changed; the
+    direct path notices (identity check) and leaves the decision to Triton's path."""
+    mod, launcher, binder = _compiled_module(tmp_path)
+    ran = []
+    _fake_triton_run(launcher, binder, ran)
+    scope = {"G": 1.5}
+    launcher.jit.used_global_vals = {("G", id(scope)): (1.5, scope)}
+    x = torch.zeros(256)
+
+    def kind():
+        ran.clear()
+        launcher[(1,)](*_args(x, x), BLOCK=128)
+        return ran[0][0]
+
+    assert kind() == "triton"
+    assert kind() == "direct"
+    scope["G"] = 1.5 + 0.0  # an equal value (another object): still fine
+    assert kind() == "direct"
+    scope["G"] = 2.0
+    assert kind() == "triton"
+    scope["G"] = 1.5
+    assert kind() == "direct"

@@ -140,3 +140,34 @@ def test_block_list_arguments_follow_reassigned_fields():
     causal.full_kv_num_blocks = causal.full_kv_indices = None
     tensors, strides, has_full = launch._block_args(causal, launch.kv_block_lists)
     assert not has_full and tensors[2] is causal.kv_num_blocks  # PARTIAL lists as dummies
+
+
+@pytest.mark.parametrize("L, S", [(1, 1), (100, 300), (256, 128), (1000, 1024)])
+def test_full_plan_transposes_equal_the_lazy_ones(L, S):
+    """The all-FULL plan ships its transposed lists (no GPU sort/search and no sync on the first
+    backward); they must be exactly what BlockMask computes from the kv lists."""
+    from attnforge.runtime import api
+    from attnforge.runtime.blockmask import BlockMask
+
+    plan = api._full_plan(L, S, torch.device("cpu"))
+    lazy = BlockMask(
+        plan.seq_lengths, plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks,
+        plan.full_kv_indices, BLOCK_SIZE=plan.BLOCK_SIZE, _ascending=True,
+    )  # fmt: skip
+    for name in ("q_num_blocks", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(plan, name), getattr(lazy, name)), name
+    # PARTIAL lists are empty either way (num 0: the index values are never read)
+    assert plan.q_indices.shape[:3] == lazy.q_indices.shape[:3]
+    assert plan.q_indices.dtype == lazy.q_indices.dtype == torch.int32
+
+
+def test_full_plan_backward_matches_reference():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
+    out = af.flex_attention(q, k, v)
+    ref = reference_attention(*(t.double() for t in (q, k, v)))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)

@@ -345,8 +345,20 @@ def _full_plan(L: int, S: int, device: torch.device):
     full_num = torch.full((1, 1, n_q), n_kv, dtype=torch.int32, device=device)
     full_idx = torch.arange(max(n_kv, 1), dtype=torch.int32, device=device)
     full_idx = full_idx.expand(1, 1, n_q, -1).contiguous()
+    # The transposes (what the dK/dV kernel walks) are known too: every kv column lists every
+    # q row as FULL. Built here, the first backward launches no sort/search kernels and never
+    # synchronises to size them (BlockMask would compute the same lists lazily on the GPU).
+    transposed = (None,) * 4
+    if n_kv > 0:
+        full_q_idx = torch.arange(n_q, dtype=torch.int32, device=device)
+        transposed = (
+            torch.zeros((1, 1, n_kv), dtype=torch.int32, device=device),
+            torch.zeros((1, 1, n_kv, 1), dtype=torch.int32, device=device),
+            torch.full((1, 1, n_kv), n_q, dtype=torch.int32, device=device),
+            full_q_idx.expand(1, 1, n_kv, -1).contiguous(),
+        )
     plan = BlockMask(
-        (max(L, 1), max(S, 1)), partial_num, partial_idx, full_num, full_idx,
+        (max(L, 1), max(S, 1)), partial_num, partial_idx, full_num, full_idx, *transposed,
         BLOCK_SIZE=(_FULL_BLOCK, _FULL_BLOCK), mask_mod=None, _ascending=True,
     )  # fmt: skip
     with _full_lock:

@@ -445,7 +445,8 @@ def _count_disk_entries() -> int:
 
 
 def _debug(msg: str, *args: Any) -> None:
-    if not knobs.get("ATTNFORGE_DEBUG"):
+    # on every attention call (memory hits): skip the knob's parsing while it is unset
+    if os.environ.get("ATTNFORGE_DEBUG") is None or not knobs.get("ATTNFORGE_DEBUG"):
         return
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()

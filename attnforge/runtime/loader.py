@@ -25,13 +25,17 @@ triton was imported in interpreter mode (the usual CPU-only setup).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import linecache
+import operator
 import os
 import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+
+from . import knobs as _knobs
 
 _ENV = "TRITON_INTERPRET"
 # The environment is process-global: serialize imports that flip it.
@@ -389,6 +393,7 @@ def is_interpreted(kind: str) -> bool:
 # ``ATTNFORGE_DIRECT_LAUNCH=0``.
 
 _DIRECT_KNOB = "ATTNFORGE_DIRECT_LAUNCH"
+_DIRECT_DEFAULT = bool(_knobs._lookup(_DIRECT_KNOB).default)
 _SCALAR_TYPES = (int, bool, type(None), str)
 _MAX_ENTRIES = 64  # specialisations remembered per argument layout (then start over)
 
@@ -434,9 +439,10 @@ def _file_digest(path) -> str:
 
 
 def _direct_enabled() -> bool:
-    from . import knobs
-
-    return knobs.get(_DIRECT_KNOB)
+    """``knobs.get("ATTNFORGE_DIRECT_LAUNCH")``, read at every call (as every knob is)."""
+    if os.environ.get(_DIRECT_KNOB) is None:
+        return _DIRECT_DEFAULT
+    return _knobs.get(_DIRECT_KNOB)
 
 
 class _Layout:
@@ -452,16 +458,17 @@ class _Layout:
 
     def key(self, device, args: tuple) -> tuple:
         """What Triton's specialisation of ``args`` depends on, and more (a refinement)."""
-        tensors = tuple([(t.dtype, t.data_ptr() & 127) for t in self.tensors(args)])
-        return device, self.values(args), tensors
+        tensors = self.tensors(args)
+        low_bits = tuple([p & 127 for p in map(_data_ptr, tensors)])
+        return device, self.values(args), tuple(map(_dtype_of, tensors)), low_bits
 
 
 _UNSUPPORTED = object()  # a layout that always takes Triton's path
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = operator.methodcaller("data_ptr")
 
 
 def _getter(positions: list):
-    import operator
-
     if not positions:
         return lambda args: ()
     if len(positions) == 1:
@@ -485,6 +492,7 @@ class Launcher:
         self._from_store: set = set()  # ids of CompiledKernels built from the store
         self._options: dict = {}  # Triton kernel key -> the parsed options it was compiled with
         self._device = self._stream = None
+        self._globals = (None, ())  # (jit.used_global_vals checked, ((dict, name, object), ...))
         self._hooked = _hook_compile(self)
 
     # -- JITFunction look-alike --
@@ -496,7 +504,7 @@ class Launcher:
         return f"Launcher({self.jit!r})"
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+        return functools.partial(self._launch, grid)
 
     def warmup(self, *args, grid, **kwargs):
         return self.jit.warmup(*args, grid=grid, **kwargs)
@@ -504,15 +512,21 @@ class Launcher:
     # -- launch --
 
     def run(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return self.jit.run(*args, grid=grid, warmup=True, **kwargs)
+        return self._launch(grid, *args, **kwargs)
+
+    def _launch(self, grid, *args, **kwargs):
         jit = self.jit
-        if warmup or type(grid) is not tuple or jit.pre_run_hooks or not _direct_enabled():
+        warmup = False
+        if type(grid) is not tuple or jit.pre_run_hooks or not _direct_enabled():
             return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
-        rt = _triton_knobs()
-        if rt is None or not _hooks_empty(rt):
+        tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
+        if tk is None or not _hooks_empty(tk.runtime):
             return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
         try:
-            lkey = (tuple(map(type, args)), tuple(kwargs.items()), rt.runtime.debug,
-                    rt.compilation.instrumentation_mode)  # fmt: skip
+            lkey = (tuple(map(type, args)), tuple(kwargs.items()), tk.runtime.debug,
+                    tk.compilation.instrumentation_mode)  # fmt: skip
             layout = self._layouts.get(lkey)
             if layout is None or layout is _UNSUPPORTED:
                 return self._slow(args, grid, kwargs, lkey, layout)
@@ -523,15 +537,29 @@ class Launcher:
             return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
         if entry is None:
             return self._slow(args, grid, kwargs, lkey, layout, sub)
-        for (name, _), (val, globals_dict) in jit.used_global_vals.items():
-            now = globals_dict.get(name, _MISSING)
-            if now is not val and now != val:  # changed: Triton's path raises the error
-                return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+        used, seen = self._globals
+        stale = used is not jit.used_global_vals
+        for globals_dict, name, value in seen:
+            if globals_dict.get(name, _MISSING) is not value:
+                stale = True
+        if stale and not self._globals_unchanged():  # Triton's path raises the error
+            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
         launcher, function, packed, kernel = entry
         n = len(grid)
         launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device),
                  function, packed, None, None, None, *args, *layout.tail)  # fmt: skip
         return kernel
+
+    def _globals_unchanged(self) -> bool:
+        """Triton's check that the globals a kernel read at compile time are unchanged; on
+        success remember the objects now bound, so the next calls only compare identities."""
+        used = self.jit.used_global_vals
+        for (name, _), (val, globals_dict) in used.items():
+            if globals_dict.get(name, _MISSING) != val:
+                return False
+        seen = tuple((gd, name, gd.get(name, _MISSING)) for (name, _), (_, gd) in used.items())
+        self._globals = (used, seen)
+        return True
 
     def _slow(self, args, grid, kwargs, lkey, layout, sub=None):
         """Triton's launch; then remember the kernel it ran for this layout/specialisation."""
@@ -678,13 +706,13 @@ def _triton_knobs():
     return _knobs_module
 
 
-def _hooks_empty(tk) -> bool:
+def _hooks_empty(rt) -> bool:
     """No launch hook to call (triton 3.6 keeps an empty ``HookChain``; older: None)."""
-    rt = tk.runtime
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if hook is not None and (type(hook) is not _HookChain or hook.calls):
-            return False
-    return True
+    hook = rt.launch_enter_hook
+    if hook is not None and (type(hook) is not _HookChain or hook.calls):
+        return False
+    hook = rt.launch_exit_hook
+    return hook is None or (type(hook) is _HookChain and not hook.calls)
 
 
 def _store_allowed() -> bool:
