@@ -498,6 +498,8 @@ class Launcher:
     # -- JITFunction look-alike --
 
     def __getattr__(self, name: str):
+        if name == "jit":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self.jit, name)
 
     def __repr__(self) -> str:
