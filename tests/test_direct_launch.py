@@ -332,3 +332,22 @@ def test_direct_launch_rechecks_the_kernels_globals(tmp_path):
     assert kind() == "triton"
     scope["G"] = 1.5
     assert kind() == "direct"
+
+
+def test_installed_triton_has_the_launch_convention_direct_launch_repeats():
+    """If a triton upgrade changes how JITFunction.run launches, direct launch switches itself
+    off (Triton's path for everything); this pins that the installed triton is supported."""
+    pytest.importorskip("triton.knobs")
+    assert loader._same_launch_convention()
+
+
+def test_unknown_launch_convention_takes_tritons_path(tmp_path, monkeypatch):
+    mod, launcher, binder = _compiled_module(tmp_path)
+    ran = []
+    _fake_triton_run(launcher, binder, ran)
+    monkeypatch.setattr(loader, "_knobs_module", None)
+    x = torch.zeros(256)
+    for _ in range(3):
+        ran.clear()
+        launcher[(1,)](*_args(x, x), BLOCK=128)
+        assert ran[0][0] == "triton"

@@ -592,7 +592,10 @@ class Launcher:
         if len(layout.kernels) >= _MAX_ENTRIES:
             layout.kernels.clear()
         layout.kernels[sub] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
-        self._save(kernel, sub[0])
+        try:
+            self._save(kernel, sub[0])
+        except Exception as exc:  # noqa: BLE001 - keeping the binary is a speed-up only
+            _debug("cannot keep the binary of %s: %r", self.jit, exc)
 
     def _make_layout(self, types: tuple, args: tuple, kwargs: dict):
         import torch
@@ -695,6 +698,8 @@ _HookChain = None
 
 
 def _triton_knobs():
+    """``triton.knobs`` where direct launch matches this triton's own launch; else None (then
+    every launch takes Triton's path)."""
     global _knobs_module, _HookChain
     if _knobs_module is _MISSING_KNOBS:
         try:
@@ -702,10 +707,33 @@ def _triton_knobs():
 
             tk.runtime.debug, tk.compilation.instrumentation_mode  # noqa: B018
             _HookChain = getattr(tk, "HookChain", None)
-            _knobs_module = tk
+            _knobs_module = tk if _same_launch_convention() else None
         except (ImportError, AttributeError):
             _knobs_module = None
     return _knobs_module
+
+
+# What ``JITFunction.run`` does at launch in triton 3.4-3.6 (and the direct path repeats): the
+# CompiledKernel's launcher gets the grid, stream, function, packed metadata, launch metadata,
+# the knobs' hooks and *every* bound argument, constexprs included (3.2/3.3 passed only the
+# non-constexpr ones and kept the hooks on CompiledKernel). Checked once, in the source.
+_LAUNCH_SNIPPETS = (
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,",
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+    "kernel_cache, kernel_key_cache, target, backend, binder = self.device_caches[device]",
+)
+
+
+def _same_launch_convention() -> bool:
+    import inspect
+
+    try:
+        from triton.runtime.jit import JITFunction
+
+        source = " ".join(inspect.getsource(JITFunction.run).split())
+    except (ImportError, OSError, TypeError):
+        return False
+    return all(" ".join(snippet.split()) in source for snippet in _LAUNCH_SNIPPETS)
 
 
 def _hooks_empty(rt) -> bool:
