@@ -575,9 +575,10 @@ def launch_bwd(
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     # -- dQ: atomics into dq_acc inside the dK/dV kernel, or the dQ kernel (see use_dq_atomic) --
     atomic = use_dq_atomic(cfg, call.options, bits)
+    dq_in_dkdv = atomic and need_dq
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
-    dq_acc = q  # a dummy pointer when not atomic (never touched)
-    if atomic and need_dq:
+    dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
+    if dq_in_dkdv:
         dq_acc = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev)
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
@@ -600,7 +601,6 @@ def launch_bwd(
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
         *params,
     )  # fmt: skip
-    dq_in_dkdv = atomic and need_dq
 
     def dkdv_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
