@@ -188,10 +188,47 @@ def run_child(label: str, env: dict, log, out_dir: Path) -> dict | None:
     return data
 
 
+def snippet_profile(log, out_dir: Path) -> None:
+    """The bench's own snippet (``bench_attention._COLD_SNIPPET``), cold then warm in fresh
+    processes with nothing else imported or patched, each first call under cProfile (the
+    profile's cumulative list goes to ``snippet-<label>.prof.txt``)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_attention import _COLD_SNIPPET
+
+    code = _COLD_SNIPPET.format(root=str(ROOT))
+    head, call = code.split("out = attention(", 1)
+    call = "out = attention(" + call
+    profiled = (
+        head
+        + "import cProfile, pstats, io\n_p = cProfile.Profile()\n_p.enable()\n"
+        + call.replace(
+            'print("import", t1 - t0)',
+            "_p.disable()\n_s = io.StringIO()\n"
+            'pstats.Stats(_p, stream=_s).sort_stats("cumulative").print_stats(70)\n'
+            'sys.stderr.write(_s.getvalue())\nprint("import", t1 - t0)',
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, ATTNFORGE_CACHE_DIR=tmp, TORCHINDUCTOR_CACHE_DIR=tmp + "/ind")
+        for label, src in (("cold", code), ("warm", code), ("warm-plain", code),
+                           ("warm-cprofile", profiled)):  # fmt: skip
+            res = subprocess.run([sys.executable, "-c", src, "attnforge", "31.5"], env=env,
+                                 capture_output=True, text=True)  # fmt: skip
+            (out_dir / f"snippet-{label}.prof.txt").write_text(res.stderr)
+            lines = res.stdout.strip().splitlines()
+            log(f"== bench snippet {label}: first call {lines[-1] if lines else '?'} s "
+                f"({lines[-2] if len(lines) > 1 else res.stderr[-500:]})")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--only", nargs="*", help="run only these labels (cold runs first)")
+    ap.add_argument(
+        "--snippet",
+        action="store_true",
+        help="only the bench's own snippet: cold, warm, warm under cProfile",
+    )
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +237,11 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
         lines.append(msg)
+
+    if args.snippet:
+        snippet_profile(log, out_dir)
+        (out_dir / "snippet.txt").write_text("\n".join(lines) + "\n")
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tmp + "/ind")

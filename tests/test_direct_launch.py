@@ -211,14 +211,18 @@ def _args(x, y, n=100, scale=0.5, flag=True):
     return (x, y, n, scale, flag)
 
 
-def test_direct_launch_mechanics_follow_tritons_specialisation(tmp_path, monkeypatch):
+def _fake_setup(tmp_path, monkeypatch):
+    """A fake-compiled launcher, its run log, a buffer with two aligned halves, keywords."""
     monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH", raising=False)
     mod, launcher, binder = _compiled_module(tmp_path)
     ran = []
     _fake_triton_run(launcher, binder, ran)
     base = torch.zeros(4096, dtype=torch.float32)
-    x, y = base[:1024], base[1024:2048]
-    kw = dict(BLOCK=128, num_warps=4)
+    return launcher, ran, base, base[:1024], base[1024:2048], dict(BLOCK=128, num_warps=4)
+
+
+def test_direct_launch_mechanics_follow_tritons_specialisation(tmp_path, monkeypatch):
+    launcher, ran, base, x, y, kw = _fake_setup(tmp_path, monkeypatch)
 
     def call(*args, **extra):
         ran.clear()
@@ -351,3 +355,51 @@ def test_unknown_launch_convention_takes_tritons_path(tmp_path, monkeypatch):
         ran.clear()
         launcher[(1,)](*_args(x, x), BLOCK=128)
         assert ran[0][0] == "triton"
+
+
+def test_planned_launch_passes_addresses_and_follows_specialisation(tmp_path, monkeypatch):
+    """``Launcher.launch_planned`` (per-call plans): the direct launcher gets the tensors as
+    addresses; a new alignment class or ``extra`` value takes the full path once, hooks and the
+    knob take Triton's path, and the kernel is always the one Triton's key picks."""
+    from triton import knobs
+
+    launcher, ran, base, x, y, kw = _fake_setup(tmp_path, monkeypatch)
+    memo: dict = {}
+
+    def planned(args, extra=()):
+        ran.clear()
+        launcher.launch_planned((3,), args, kw, memo, extra)
+        assert len(ran) == 1
+        return ran[0]
+
+    assert planned(_args(x, y))[0] == "triton"  # nothing known yet: Triton's path, remembered
+    first = planned(_args(x, y))
+    assert first[0] == "direct"
+    assert first[2][9:11] == (x.data_ptr(), y.data_ptr())  # addresses, not tensors
+    ran.clear()
+    launcher[(3,)](*_args(x, y), **kw)  # the Launcher's own direct launch: tensors
+    assert ran[0][:2] == first[:2] and ran[0][2][9] is x and ran[0][2][10] is y
+    assert first[2][:9] == ran[0][2][:9] and first[2][11:] == ran[0][2][11:]
+    # other tensors of the same alignment class: direct, their own addresses
+    x2 = base[2048:3072]
+    assert planned(_args(x2, y))[2][9] == x2.data_ptr()
+    # a new alignment class: the full path once, then direct with the right kernel
+    odd = base[1:1025]
+    r1, r2 = planned(_args(odd, y)), planned(_args(odd, y))
+    assert r1[0] == "triton" and r2 == ("direct", r1[1], r2[2])
+    assert r1[1] != first[1]
+    # the caller's ``extra`` carries the other changing values (here n)
+    r1 = planned(_args(x, y, n=96), extra=(96,))
+    assert r1[0] == "triton" and r1[1] != first[1]
+    assert planned(_args(x, y, n=96), extra=(96,))[:2] == ("direct", r1[1])
+    # hooks, pre-run hooks and the knob: Triton's path
+    hook = lambda *a: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert planned(_args(x, y))[0] == "triton"
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
+    assert planned(_args(x, y))[0] == "triton"
+    monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "1")
+    assert planned(_args(x, y))[:2] == ("direct", first[1])

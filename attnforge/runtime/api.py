@@ -29,6 +29,7 @@ math: anything unsupported raises.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import weakref
 from typing import Any
@@ -69,7 +70,16 @@ def flex_attention(
     ``BLOCK_N``, ``num_warps``, ``num_stages``.  As in recent torch, ``return_aux=
     AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=lse, max_scores=None))`` instead.
     """
+    pkey = _plan_key(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                     kernel_options, return_aux)  # fmt: skip
+    if pkey is not None:
+        plan = _plans.get(pkey)
+        if plan is not None:
+            done = plan.run(query, key, value, score_mod, block_mask)
+            if done is not None:
+                return done
     q, k, v = query, key, value
+    user_mask = block_mask
     geo = _geometry(q, k, v, enable_gqa)
     want_lse = _check_aux(return_lse, return_aux)
     options = launch.check_kernel_options(kernel_options)
@@ -89,8 +99,9 @@ def flex_attention(
                 f"a captured tensor is on {t.device} but q is on {q.device}; move the tensor "
                 f"the mod captures to {q.device}"
             )
+    kind = loader.device_kind(geo.device)
     call = launch.KernelCall(
-        modules=cache.load_kernels(lowered, loader.device_kind(geo.device)),
+        modules=cache.load_kernels(lowered, kind),
         lowered=lowered,
         block_mask=block_mask,
         scale=scale,
@@ -100,10 +111,125 @@ def flex_attention(
         return_lse=want_lse,
         options=options,
     )
+    if pkey is not None:
+        plan = _Plan.make(call, kind, geo.device, user_mask, score_mod, score_ir, mask_ir)
+        if plan is not None:
+            call.memo = plan.memo
+            _remember_plan(pkey, plan, user_mask)
     out, lse = attention(call, q, k, v, tensors)
     if return_aux is not None:
         return out, _aux_output(lse if want_lse else None)
     return (out, lse) if return_lse else out
+
+
+# -- per-call plans (host overhead) ------------------------------------------------------------
+# A repeat call (same tensor shapes, strides, dtypes and devices, same mod objects, block mask
+# object and fields, scale, flags and kernel_options) is served by the plan its first call made:
+# every check above passed for that key and is a pure function of it, so the repeat call only
+# re-reads what can change without changing the key (the mods' guards and IR, the captured
+# values, the block mask's fields, the interpreter knob, grad mode) and launches the recorded
+# forward (launch._FwdPlan).  Anything that does not match takes the full path, which raises
+# the same errors at the user's line as before and makes a new plan.
+
+_PLAN_LIMIT = 64
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_plans: dict[tuple, _Plan] = {}
+# BlockMask fields a plan depends on, compared by identity at every call (a reassigned field
+# makes a new plan; the lists' contents are read by the kernels, so in-place edits need none)
+_BM_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "mask_mod", "BLOCK_SIZE", "seq_lengths")  # fmt: skip
+
+
+def _plan_key(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, options, aux):
+    """The key of a call's plan, or None where a call is never planned (tensor subclasses,
+    tensor scale, ``return_aux``, unhashable values)."""
+    if (type(q) not in _PLAIN_TENSORS or type(k) not in _PLAIN_TENSORS
+            or type(v) not in _PLAIN_TENSORS or aux is not None
+            or isinstance(scale, torch.Tensor)):  # fmt: skip
+        return None
+    try:
+        opts = None if options is None else tuple(options.items())
+        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+               v.dtype, q.device, k.device, v.device, id(score_mod), id(block_mask), scale,
+               enable_gqa, return_lse, opts)  # fmt: skip
+        hash(key)
+    except (TypeError, AttributeError):
+        return None
+    return key
+
+
+class _Plan:
+    """What a call computed that its repeats can reuse (see the comment above)."""
+
+    __slots__ = ("call", "kind", "device", "bm_ref", "bm_fields", "bm_getter", "bm", "score_mod",
+                 "score_ir", "mask_ir", "memo")  # fmt: skip
+
+    @classmethod
+    def make(cls, call, kind, device, user_mask, score_mod, score_ir, mask_ir) -> _Plan | None:
+        plan = cls()
+        plan.score_mod = score_mod  # held: its id is in the key
+        plan.kind, plan.device = kind, device
+        plan.score_ir, plan.mask_ir = score_ir, mask_ir
+        plan.bm_ref = plan.bm_fields = plan.bm_getter = None
+        # The user's block mask is held weakly (the plan goes with it, see _remember_plan); a
+        # converted torch mask or the all-FULL plan is ours to hold.
+        plan.bm = None if call.block_mask is user_mask else call.block_mask
+        plan.memo = {}
+        plan.call = call.copy_with(block_mask=None, memo=plan.memo)
+        if user_mask is not None:
+            try:
+                plan.bm_ref = weakref.ref(user_mask)
+                plan.bm_getter = operator.attrgetter(*_BM_FIELDS)
+                plan.bm_fields = plan.bm_getter(user_mask)
+            except (TypeError, AttributeError):
+                return None
+        return plan
+
+    def run(self, q, k, v, score_mod, block_mask):
+        """The call's result, or None where something the key does not cover changed."""
+        if score_mod is not self.score_mod:
+            return None
+        if block_mask is not None:
+            if self.bm_ref() is not block_mask:
+                return None
+            now = self.bm_getter(block_mask)
+            for a, b in zip(now, self.bm_fields):
+                if a is not b:
+                    return None
+        bm = block_mask if self.bm is None else self.bm
+        _, score_ir, score_params = current_mod(score_mod, "score")
+        _, mask_ir, mask_params = current_mod(bm.mask_mod, "mask")
+        if score_ir is not self.score_ir or mask_ir is not self.mask_ir:
+            return None
+        if loader.device_kind(self.device) != self.kind:
+            return None
+        call = self.call
+        tensors = ()
+        if call.lowered.slots:
+            scalars, tensors = launch.slot_values(call.lowered, score_params, mask_params)
+            for t in tensors:
+                if t.device != self.device:
+                    return None  # the full path raises
+            call = call.copy_with(block_mask=bm, scalars=scalars)
+        else:
+            call = call.copy_with(block_mask=bm)
+        out, lse = attention(call, q, k, v, tensors)
+        return (out, lse) if call.return_lse else out
+
+
+def _remember_plan(key, plan: _Plan, user_mask) -> None:
+    with _memo_lock:
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[key] = plan
+    if user_mask is not None:  # the plan holds the mask's lists: drop it with the mask
+        weakref.finalize(user_mask, _forget_mask, id(user_mask))
+
+
+def _forget_mask(mask_id: int) -> None:
+    with _memo_lock:
+        for key in [key for key in _plans if key[13] == mask_id]:
+            del _plans[key]
 
 
 # -- memos on the per-call path (host overhead) ------------------------------------------------

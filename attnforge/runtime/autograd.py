@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import KernelCall, launch_bwd, launch_fwd
+from .launch import KernelCall, compile_backward_ahead, launch_bwd, launch_fwd
 
 __all__ = ["FlexAttentionFunction", "attention"]
 
@@ -67,4 +67,6 @@ def attention(call: KernelCall, q, k, v, tensors: list) -> tuple[torch.Tensor, t
     )  # fmt: skip
     if not needs_grad:
         return launch_fwd(call, q, k, v, tensors)
+    if call.memo is not None and "bwd_ahead" not in call.memo:
+        compile_backward_ahead(call, q, k, v, tensors)  # first call of a plan: compile ahead
     return FlexAttentionFunction.apply(q, k, v, call, *tensors)

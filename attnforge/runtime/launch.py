@@ -162,9 +162,19 @@ class KernelCall:
     scalars: dict[int, Any] = field(default_factory=dict)  # slot -> value
     return_lse: bool = False
     options: dict = field(default_factory=dict)
+    # per-call plan (runtime.api): launch_fwd keeps its recorded launch here (key "fwd"), so a
+    # repeat call with the same plan rebuilds only what changes (tensors, captured values)
+    memo: dict | None = field(default=None, repr=False, compare=False)
 
     def with_config(self, **kw) -> KernelCall:
         return replace(self, config=replace(self.config, **kw))
+
+    def copy_with(self, **changes) -> KernelCall:
+        """A copy with ``changes`` (cheaper than ``dataclasses.replace``: no re-validation)."""
+        new = object.__new__(KernelCall)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
 
 def param_values(lowered, score_mod, mask_mod) -> tuple[dict[int, Any], list[torch.Tensor]]:
@@ -275,6 +285,13 @@ def launch_fwd(
     call: KernelCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: ``(out [B, Hq, L, Ev] in q's dtype, lse [B, Hq, L] fp32)``."""
+    memo = call.memo
+    if memo is not None:
+        fast = memo.get("fwd")
+        if fast is not None:
+            done = fast(call, q, k, v, tensors)
+            if done is not None:
+                return done
     B, Hq, L, E = q.shape
     S, Ev = k.shape[2], v.shape[-1]
     out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
@@ -296,7 +313,7 @@ def launch_fwd(
         *out.stride(),
         *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
-        *_param_args(call.lowered, call.scalars, tensors),
+        *(params := _param_args(call.lowered, call.scalars, tensors)),
     )  # fmt: skip
     # sm_scale > 0: the softmax can take its max over raw q.k and fold the scale into exp2
     folded = call.scale > 0 and call.lowered.score is None
@@ -305,8 +322,51 @@ def launch_fwd(
     def run(cfg: FwdConfig) -> None:
         kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
 
-    launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
+    ran = launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
+    if memo is not None:
+        grid = (triton_cdiv(L, ran.BLOCK_M), B * Hq)
+        kw = _fwd_constexprs(ran, *shape_key)
+        memo["fwd"] = _FwdPlan(kernel, cfg, ran, grid, kw, args, len(params), out, lse)
     return out, lse
+
+
+class _FwdPlan:
+    """A forward launch as :func:`launch_fwd` made it, for the next call of the same per-call
+    plan (``KernelCall.memo``, see ``runtime.api``): that call has the same shapes, strides,
+    dtypes, block mask, scale and options, so only ``q, k, v``, a fresh ``out``/``lse`` and
+    the captured values are rebuilt, and the kernel is launched through
+    ``Launcher.launch_planned`` (GPU) or ``kernel[grid]`` (interpreter).  Returns None (the
+    caller takes the full path) where TMA eligibility changed or a new specialisation ran out
+    of resources."""
+
+    __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "out_shape",
+                 "lse_shape", "dtype", "device", "planned", "memo")  # fmt: skip
+
+    def __init__(self, kernel, requested, cfg, grid, kwargs, args, n_params, out, lse):
+        self.kernel, self.requested, self.cfg, self.grid = kernel, requested, cfg, grid
+        self.kwargs, self.n_params = kwargs, n_params
+        self.rest = args[5 : len(args) - n_params]
+        self.out_shape, self.lse_shape = out.shape, lse.shape
+        self.dtype, self.device = out.dtype, out.device
+        self.planned = getattr(kernel, "launch_planned", None)
+        self.memo: dict = {}
+
+    def __call__(self, call: KernelCall, q, k, v, tensors: list):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
+        args = (q, k, v, out, lse) + self.rest + params
+        try:
+            if self.planned is None:
+                self.kernel[self.grid](*args, **self.kwargs)
+            else:
+                # Triton specialises ints and bools, never floats; tensors are keyed by address
+                extra = tuple([a for a in params if type(a) is int or type(a) is bool])
+                self.planned(self.grid, args, self.kwargs, self.memo, extra)
+        except OutOfResources:  # a new specialisation of a captured value: shrink on full path
+            call.memo.pop("fwd", None)
+            return None
+        return out, lse
 
 
 # -- shrink-and-retry on shared-memory overflow -------------------------------------------------
@@ -406,10 +466,62 @@ def _compile_on_threads(mode, todo: list) -> None:
     with ThreadPoolExecutor(len(todo), thread_name_prefix="attnforge-compile") as pool:
         try:
             with mode(pool, ignore_errors=True):
-                for kernel, args, kw, _ in todo:
-                    kernel.warmup(*args, grid=(1,), **kw)
+                handles = [kernel.warmup(*args, grid=(1,), **kw) for kernel, args, kw, _ in todo]
         except Exception:  # noqa: BLE001 - a speed-up only: the launch compiles and reports
             return
+        # each kernel's C launcher (built by the C compiler on a Triton cache miss) in parallel
+        # too; the first launch then finds it in Triton's cache
+        list(pool.map(_build_launcher, handles))
+
+
+def _build_launcher(handle) -> None:
+    try:
+        kernel = handle.result(True) if hasattr(handle, "result") else handle
+        if kernel is None or getattr(kernel, "_run", True) is not None:
+            return  # failed, or already loaded (a kept binary)
+        from triton.runtime.driver import driver
+
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
+    except Exception:  # noqa: BLE001 - a speed-up only
+        return
+
+
+# -- the backward's kernels compiled while the forward compiles ---------------------------------
+# At the first forward that needs a gradient (once per per-call plan), the backward's kernels are
+# compiled on a background thread with the arguments the backward will most likely have (d_out
+# laid out like out, as autograd makes it for out.sum() or a loss of out; d_lse like lse). The
+# backward joins that thread before it compiles anything; a prediction that misses costs only the
+# wasted compile, the backward then compiles what it needs.
+_INFLIGHT: dict = {}  # id(bwd module) -> the thread compiling its kernels ahead
+
+
+def compile_backward_ahead(call: KernelCall, q, k, v, tensors) -> None:
+    memo = call.memo
+    if memo is None or "bwd_ahead" in memo or not q.is_cuda or "bwd" not in call.modules:
+        return
+    memo["bwd_ahead"] = True
+    if not _knob("ATTNFORGE_PARALLEL_COMPILE") or _async_compile_mode() is None:
+        return
+    import threading
+
+    B, Hq, L, _ = q.shape
+    out = torch.empty((B, Hq, L, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    q_block_lists(call.block_mask)  # the transposes, here (GPU work on the caller's stream)
+    needs = [t.requires_grad for t in tensors]
+    d_lse = lse if call.return_lse else None
+    args = (call, q, k, v, out, lse, out, d_lse, list(tensors), needs, q.requires_grad)
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(q.device):
+                launch_bwd(*args, dry=True)
+        except Exception:  # noqa: BLE001 - a speed-up only: the backward compiles and reports
+            return
+
+    thread = threading.Thread(target=work, name="attnforge-bwd-ahead", daemon=True)
+    _INFLIGHT[id(call.modules["bwd"])] = thread
+    thread.start()
 
 
 def _knob(name: str):
@@ -545,16 +657,29 @@ def launch_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     d_out: torch.Tensor, d_lse: torch.Tensor | None,
-    tensors: list, needs: list[bool], need_dq: bool = True,
+    tensors: list, needs: list[bool], need_dq: bool = True, *, dry: bool = False,
 ) -> tuple:  # fmt: skip
     """Run the backward kernels: ``(dq, dk, dv, grads)``, ``grads[i]`` the gradient of
     ``tensors[i]`` (in its dtype) or None where ``needs[i]`` is False or it has none; dq is
-    None when ``need_dq`` is False."""
+    None when ``need_dq`` is False.  ``dry=True`` (:func:`compile_backward_ahead`) only
+    compiles the kernels these arguments would launch, with stand-ins for the buffers."""
+    ahead = None if dry else _INFLIGHT.pop(id(call.modules.get("bwd")), None)
+    if ahead is not None:
+        ahead.join()  # its compiles fill the kernels' caches: nothing is compiled twice
     B, Hq, L, E = q.shape
     Bkv, Hkv, S, Ev = v.shape
     dev = q.device
+    # Gradients laid out like out / lse (autograd hands out.sum()'s as a stride-0 expand): one
+    # kernel specialisation whatever the loss, the one compile_backward_ahead predicted
+    if d_out.stride() != out.stride():
+        d_out = d_out.contiguous()
+    if d_lse is not None and d_lse.stride() != lse.stride():
+        d_lse = d_lse.contiguous()
     # every row of dq, dk, dv is written by exactly one program (zeros where nothing attends)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dry:  # stand-ins of the same dtype, strides and (allocator) alignment
+        dq, dk, dv = q, k, v
+    else:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     buffers, grad_args, bits = _grad_buffers(call, tensors, needs, dev)
     if L == 0 or S == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), _cast_grads(buffers, tensors)
@@ -572,14 +697,17 @@ def launch_bwd(
     kz = 0 if Bkv == 1 else k.stride(0)
     vz = 0 if Bkv == 1 else v.stride(0)
     # -- delta = rowsum(dO * O) - dLSE --
-    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    delta = lse if dry else torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     # -- dQ: atomics into dq_acc inside the dK/dV kernel, or the dQ kernel (see use_dq_atomic) --
     atomic = use_dq_atomic(cfg, call.options, bits)
     dq_in_dkdv = atomic and need_dq
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
     dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
     if dq_in_dkdv:
-        dq_acc = torch.zeros((B, Hq, L, E), dtype=torch.float32, device=dev)
+        dq_acc = torch.empty((B, Hq, L, E), dtype=torch.float32,
+                             device="meta" if dry else dev)  # fmt: skip
+        if not dry:
+            dq_acc.zero_()
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
     pre_args = (
@@ -634,6 +762,8 @@ def launch_bwd(
     if run_dq_kernel:
         jobs.append((dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK)))
     precompile(call.options, jobs)
+    if dry:
+        return None
     mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
 
     def run_dkdv(c: BwdConfig) -> None:

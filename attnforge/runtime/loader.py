@@ -448,11 +448,12 @@ def _direct_enabled() -> bool:
 class _Layout:
     """How to read the specialisation inputs of one argument layout (types + keywords)."""
 
-    __slots__ = ("values", "tensors", "tail", "kernels")
+    __slots__ = ("values", "tensors", "descs", "tail", "kernels")
 
-    def __init__(self, values, tensors, tail):
+    def __init__(self, values, tensors, tail, descs=None):
         self.values = values  # args -> the int/bool/None/str arguments (itemgetter)
         self.tensors = tensors  # args -> the tensor arguments (itemgetter)
+        self.descs = descs  # args -> the TensorDescriptor arguments (itemgetter), or None
         self.tail = tail  # parameter values after the positional ones (keywords, defaults)
         self.kernels: dict = {}  # key() -> (launcher, function, packed metadata, kernel)
 
@@ -460,7 +461,18 @@ class _Layout:
         """What Triton's specialisation of ``args`` depends on, and more (a refinement)."""
         tensors = self.tensors(args)
         low_bits = tuple([p & 127 for p in map(_data_ptr, tensors)])
-        return device, self.values(args), tuple(map(_dtype_of, tensors)), low_bits
+        key = device, self.values(args), tuple(map(_dtype_of, tensors)), low_bits
+        if self.descs is not None:
+            key += tuple(map(_desc_key, self.descs(args)))
+        return key
+
+
+def _desc_key(d) -> tuple:
+    """Everything a ``TensorDescriptor`` argument consists of (its base by dtype, type and low
+    address bits): Triton's specialisation of it can depend on nothing else."""
+    base = d.base
+    return (type(base), base.dtype, base.data_ptr() & 127, tuple(d.shape), tuple(d.strides),
+            tuple(d.block_shape), d.padding)  # fmt: skip
 
 
 _UNSUPPORTED = object()  # a layout that always takes Triton's path
@@ -539,18 +551,89 @@ class Launcher:
             return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
         if entry is None:
             return self._slow(args, grid, kwargs, lkey, layout, sub)
-        used, seen = self._globals
-        stale = used is not jit.used_global_vals
-        for globals_dict, name, value in seen:
-            if globals_dict.get(name, _MISSING) is not value:
-                stale = True
-        if stale and not self._globals_unchanged():  # Triton's path raises the error
+        if not self._globals_current():  # Triton's path raises the error
             return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
         launcher, function, packed, kernel = entry
         n = len(grid)
         launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device),
                  function, packed, None, None, None, *args, *layout.tail)  # fmt: skip
         return kernel
+
+    def _globals_current(self) -> bool:
+        """The globals the kernel read at compile time are the objects seen last time (cheap),
+        or else still equal (Triton's check, then remembered)."""
+        used, seen = self._globals
+        stale = used is not self.jit.used_global_vals
+        for globals_dict, name, value in seen:
+            if globals_dict.get(name, _MISSING) is not value:
+                stale = True
+        return not stale or self._globals_unchanged()
+
+    def launch_planned(self, grid: tuple, args: tuple, kwargs: dict, memo: dict, extra=()):
+        """``self[grid](*args, **kwargs)`` for a caller whose calls sharing ``memo`` (a dict the
+        caller owns, one per argument layout) differ only in their tensor arguments (same
+        types, dtypes and positions) and in ``extra`` (a hashable of every other argument that
+        may change; the caller vouches for the rest: ``runtime.launch``'s per-call plans).
+
+        The kernel is looked up by device, Triton's debug knobs, the tensors' low address bits
+        and ``extra``; a miss takes :meth:`_launch` once and remembers the kernel it ran.  The
+        launcher gets the tensors' addresses as ints (no ``data_ptr()`` call and no
+        ``cuPointerGetAttribute`` per tensor in Triton's C launcher)."""
+        tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
+        if (tk is None or self._device is None or self.jit.pre_run_hooks
+                or not _direct_enabled() or not _hooks_empty(tk.runtime)
+                or not self._globals_current()):  # fmt: skip
+            return self._launch(grid, *args, **kwargs)
+        pos = memo.get(_POSITIONS)
+        if pos is None:
+            pos = memo[_POSITIONS] = tuple(
+                i for i, a in enumerate(args) if isinstance(a, _torch_tensor())
+            )
+        ptrs = [args[i].data_ptr() for i in pos]
+        device = self._device()
+        try:
+            key = (device, tk.runtime.debug, tk.compilation.instrumentation_mode,
+                   tuple([p & 127 for p in ptrs]), extra)  # fmt: skip
+            entry = memo.get(key)
+        except TypeError:  # unhashable extra
+            return self._launch(grid, *args, **kwargs)
+        if entry is None:
+            kernel = self._launch(grid, *args, **kwargs)
+            if len(memo) > _MAX_ENTRIES:
+                memo.clear()
+                memo[_POSITIONS] = pos
+            memo[key] = self._entry(args, kwargs) or False
+            return kernel
+        if entry is False:
+            return self._launch(grid, *args, **kwargs)
+        launcher, function, packed, tail, kernel = entry
+        call_args = list(args)
+        for i, p in zip(pos, ptrs):
+            call_args[i] = p
+        n = len(grid)
+        launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device),
+                 function, packed, None, None, None, *call_args, *tail)  # fmt: skip
+        return kernel
+
+    def _entry(self, args: tuple, kwargs: dict):
+        """``(launcher, function, packed metadata, tail, kernel)`` of the kernel a direct launch
+        of ``args``/``kwargs`` would run now, or None (unknown, or not directly launchable)."""
+        tk = _triton_knobs()
+        if tk is None or self._device is None:
+            return None
+        try:
+            lkey = (tuple(map(type, args)), tuple(kwargs.items()), tk.runtime.debug,
+                    tk.compilation.instrumentation_mode)  # fmt: skip
+            layout = self._layouts.get(lkey)
+            if layout is None or layout is _UNSUPPORTED:
+                return None
+            found = layout.kernels.get(layout.key(self._device(), args))
+        except TypeError:
+            return None
+        if found is None:
+            return None
+        launcher, function, packed, kernel = found
+        return launcher, function, packed, layout.tail, kernel
 
     def _globals_unchanged(self) -> bool:
         """Triton's check that the globals a kernel read at compile time are unchanged; on
@@ -603,7 +686,8 @@ class Launcher:
         params = self.jit.params
         if len(args) > len(params):
             return _UNSUPPORTED
-        values, tensors = [], []
+        values, tensors, descs = [], [], []
+        desc_type = _tensor_descriptor_type()
         for i, t in enumerate(types):
             if issubclass(t, torch.Tensor):
                 tensors.append(i)
@@ -611,6 +695,8 @@ class Launcher:
                 continue  # Triton types a float as fp32 whatever its value
             elif t in _SCALAR_TYPES:
                 values.append(i)
+            elif t is desc_type:
+                descs.append(i)
             else:
                 return _UNSUPPORTED
         tail = []
@@ -621,7 +707,9 @@ class Launcher:
                 tail.append(p.default)
             else:
                 return _UNSUPPORTED
-        return _Layout(_getter(values), _getter(tensors), tuple(tail))
+        return _Layout(
+            _getter(values), _getter(tensors), tuple(tail), _getter(descs) if descs else None
+        )
 
     def _bind_driver(self) -> None:
         from triton.runtime.driver import driver
@@ -690,6 +778,23 @@ class Launcher:
         self._from_store.add(id(kernel))
         kernel_cache[key] = kernel
         return kernel
+
+
+_POSITIONS = object()  # launch_planned's memo key for the tensor argument positions
+
+
+def _torch_tensor():
+    import torch
+
+    return torch.Tensor
+
+
+def _tensor_descriptor_type():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - a triton without host tensor descriptors
+        return None
+    return TensorDescriptor
 
 
 _MISSING_KNOBS = object()
