@@ -7,8 +7,9 @@ One process, same inputs for every implementation; each config is checked agains
         --fwd 128x64w8s3 128x128w8s3 --bwd 32,128,128,32,w8s2 64,128,128,64,w8s3
     python bench/tune.py --template bench/exp/fwd_v0.py.tmpl ...   # A/B a template copy
 
-Forward configs are ``BMxBNwWsS``; backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys;
-``a1``/``a0``: ``DQ_ATOMIC`` True/False).
+Forward configs are ``BMxBNwWsS[,tma|,notma]`` (``,tma``/``,notma``: ``USE_TMA`` on/off);
+backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys; ``a1``/``a0``: ``DQ_ATOMIC``
+True/False).
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def parse_fwd(s: str) -> dict:
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", s)
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)((?:,tma|,notma)?)", s)
     if not m:
-        raise SystemExit(f"bad forward config {s!r}: want BMxBNwWsS, e.g. 128x64w8s3")
-    bm, bn, w, st = map(int, m.groups())
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        raise SystemExit(f"bad forward config {s!r}: want BMxBNwWsS[,tma|,notma], "
+                         "e.g. 128x64w8s3 or 128x128w8s3,tma")
+    bm, bn, w, st = map(int, m.groups()[:4])
+    opts = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    flags = m.group(5).split(",")
+    if "tma" in flags or "notma" in flags:  # USE_TMA on/off (else the default)
+        opts["USE_TMA"] = "tma" in flags
+    return opts
 
 
 def parse_bwd(s: str) -> dict:

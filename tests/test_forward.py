@@ -521,7 +521,7 @@ import tempfile, pathlib
 PTR = {{"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}}
 SCALAR = {{"float": "fp32", "int": "i32", "bool": "i1"}}
 
-def compile_fwd(i, score, mask, dtype, D, DV, even):
+def compile_fwd(i, score, mask, dtype, D, DV, even, tma=False):
     low = lower(as_mod(score, "score"), as_mod(mask, "mask"))
     path = pathlib.Path(tempfile.mkdtemp()) / "fwd.py"
     path.write_text(low.files["fwd.py"])
@@ -530,13 +530,18 @@ def compile_fwd(i, score, mask, dtype, D, DV, even):
     const = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                  BLOCK_M=128, BLOCK_N=64, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128,
                  EVEN_KV=even, HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32",
-                 SCALE_FOLDED=low.score is None)
+                 SCALE_FOLDED=low.score is None, USE_TMA=tma)
+    desc = {{"Q_DESC": (128, pad(D)), "K_DESC": (64, pad(D)), "V_DESC": (64, pad(DV))}}
     slots = {{s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype])
               for s in low.slots}}
     sig, constexprs = {{}}, {{}}
     for j, a in enumerate(fn.arg_names):
         if a in const:
             sig[a], constexprs[(j,)] = "constexpr", const[a]
+        elif a in desc and tma:
+            sig[a] = "tensordesc<%s[1,1,%d,%d]>" % (dtype, *desc[a])
+        elif a in desc:
+            sig[a], constexprs[(j,)] = "constexpr", None
         elif a in ("Q", "K", "V", "OUT"):
             sig[a] = "*" + dtype
         elif a == "LSE":
@@ -546,8 +551,11 @@ def compile_fwd(i, score, mask, dtype, D, DV, even):
         else:
             sig[a] = "fp32" if a == "sm_scale" else slots.get(a, "i32")
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=8, num_stages=3))
     assert "wgmma" in k.asm["ptx"] or "mma" in k.asm["ptx"]
+    if tma:
+        assert "cp.async.bulk.tensor" in k.asm["ptx"]
 
 cases = [
     (None, None, "bf16", 128, 128, True),
@@ -555,6 +563,9 @@ cases = [
     (ZOO["alibi"].fn, ZOO["document_causal"].fn, "bf16", 40, 24, False),
     (ZOO["floordiv_mod"].fn, ZOO["jagged_sliding"].fn, "fp32", 64, 64, True),
     (ZOO["power"].fn, ZOO["random_bool_mask"].fn, "bf16", 128, 128, True),
+    (None, ZOO["causal"].fn, "bf16", 128, 128, True, True),
+    (ZOO["softcap"].fn, ZOO["sliding_window"].fn, "fp16", 64, 64, False, True),
+    (ZOO["alibi"].fn, ZOO["document_causal"].fn, "bf16", 40, 24, False, True),
 ]
 for i, case in enumerate(cases):
     compile_fwd(i, *case)
@@ -580,7 +591,7 @@ def test_compiled_path_builds_for_sm90_without_a_gpu(tmp_path):
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas available")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 5" in proc.stdout
+    assert "compiled 8" in proc.stdout
 
 
 # -- GPU, production shapes -----------------------------------------------------------------
@@ -709,3 +720,58 @@ def test_scale_sign_paths(scale, masked):
         )  # rows 0-4 keep no key
     check(q, k, v, bm=bm, scale=scale)
     check(q, k, v, score_mod=lambda s, b, h, qi, ki: s + 0.01 * (qi - ki), bm=bm, scale=scale)
+
+
+# -- TMA tile loads (USE_TMA: the default on sm_90+; the interpreter runs the same descriptors) --
+
+TMA_CASES = [
+    # (B, Hq, Hkv, L, S, E, Ev, dtype, score, mask, Bkv)
+    (2, 4, 2, 17, 257, 40, 24, torch.bfloat16, "softcap", "causal", None),
+    (1, 2, 2, 130, 64, 64, 64, torch.float16, None, "sliding_window", None),
+    (1, 1, 1, 1, 17, 128, 128, torch.float32, None, None, None),
+    (3, 2, 1, 100, 100, 32, 32, torch.bfloat16, "alibi", "document_causal", 1),
+    (1, 2, 2, 257, 129, 16, 16, torch.bfloat16, None, "causal", None),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"{c[8]}-{c[9]}-L{c[3]}-E{c[5]}")
+def test_tma_loads_match_reference(case, monkeypatch):
+    import attnforge.runtime.launch as launch
+
+    B, Hq, Hkv, L, S, E, Ev, dtype, score, mask, Bkv = case
+    calls = []
+    real = launch._fwd_descriptors
+    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(5)
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, E, Ev, dtype, Bkv=Bkv)
+    score_fn = ZOO[score].fn if score else None
+    bm = block_mask(ZOO[mask].fn, B, Hq, L, S) if mask else None
+    out, lse = check(q, k, v, score_fn, bm, enable_gqa=Hq != Hkv,
+                     kernel_options={"USE_TMA": True})  # fmt: skip
+    assert calls, "the TMA path was not taken"
+    plain = af.flex_attention(q, k, v, score_mod=score_fn, block_mask=bm, enable_gqa=Hq != Hkv,
+                              kernel_options={"USE_TMA": False})  # fmt: skip
+    assert torch.equal(out, plain)
+
+
+def test_tma_layouts_and_fallback(monkeypatch):
+    # transposed views ([B, L, H, E] storage) and size-1 dims go through descriptors; a feature
+    # stride TMA cannot address (E=20 bf16: 40-byte rows) or a misaligned base falls back
+    import attnforge.runtime.launch as launch
+
+    calls = []
+    real = launch._fwd_descriptors
+    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: calls.append(1) or real(*a))
+    opts = {"USE_TMA": True}
+    torch.manual_seed(6)
+    x = torch.randn(2, 33, 3, 40).to(torch.bfloat16).transpose(1, 2)  # strides not [B, H, L, E]
+    check(x, x, x, kernel_options=opts)
+    one = torch.randn(1, 1, 5, 24).to(torch.bfloat16)
+    check(one, one, one, kernel_options=opts)
+    assert len(calls) == 2
+    narrow = torch.randn(1, 2, 33, 20).to(torch.bfloat16)
+    check(narrow, narrow, narrow, kernel_options=opts)
+    base = torch.randn(1 * 2 * 33 * 32 + 1).to(torch.bfloat16)
+    shifted = base[1:].view(1, 2, 33, 32)  # 2-byte offset from a 16-byte boundary
+    check(shifted, shifted, shifted, kernel_options=opts)
+    assert len(calls) == 2, "an input TMA cannot describe must take the pointer-load kernel"

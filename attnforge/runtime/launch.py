@@ -37,6 +37,9 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N": "forward key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "num_warps": "forward warps per program",
     "num_stages": "forward software-pipelining stages",
+    "USE_TMA": "forward: load Q/K/V tiles with the Hopper tensor-memory accelerator (bool; "
+    "default on for 16-bit inputs on sm_90+; inputs it cannot describe fall back to pointer "
+    "loads)",
     "BLOCK_M1": "backward dK/dV query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
@@ -45,11 +48,11 @@ KERNEL_OPTIONS: dict[str, str] = {
     "kernel (fewer matmuls; the default unless torch.use_deterministic_algorithms is "
     "on), False computes it in its own kernel (bit-reproducible)",
 }
-_BOOL_OPTIONS = frozenset({"DQ_ATOMIC"})
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
-     "BACKEND", "USE_TMA", "WRITE_DQ", "OUTPUT_LOGSUMEXP"}
+     "BACKEND", "WRITE_DQ", "OUTPUT_LOGSUMEXP"}
 )  # fmt: skip
 
 _MIN_TILE = 16  # tl.dot needs every dimension >= 16
@@ -61,6 +64,7 @@ class FwdConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    USE_TMA: bool = False
 
 
 def check_kernel_options(kernel_options: dict | None) -> dict:
@@ -97,12 +101,29 @@ def _default_fwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if head_dim_pad <= 128 else FwdConfig(32, 32, 4, 1)
     # 16-bit, measured on H100 (bench/NOTES.md, bench/tune.py): D=64 prefers narrow kv tiles and
-    # a deeper pipeline, D=128 full 128x128 tiles (fewer online-softmax rescales per key)
+    # a deeper pipeline, D=128 full 128x128 tiles (fewer online-softmax rescales per key); TMA
+    # loads on sm_90+ (fewer registers for addresses, no per-thread copies)
+    tma = _has_tma(device)
     if head_dim_pad <= 64:
-        return FwdConfig(128, 64, 4, 4)
+        return FwdConfig(128, 64, 4, 4, tma)
     if head_dim_pad <= 128:
-        return FwdConfig(128, 128, 8, 3)
+        return FwdConfig(128, 128, 8, 3, tma)
     return FwdConfig(64, 32, 4, 2)
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """sm_90+ and a Triton with host tensor descriptors."""
+    return _has_descriptors() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.cache
+def _has_descriptors() -> bool:
+    try:  # Triton >= 3.3
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tile(name: str, want: int, block: int, which: str, explicit: bool) -> int:
@@ -137,6 +158,7 @@ def choose_fwd_config(
                       "KV_BLOCK (BLOCK_SIZE[1])", "BLOCK_N" in options),
         num_warps=options.get("num_warps", base.num_warps),
         num_stages=options.get("num_stages", base.num_stages),
+        USE_TMA=options.get("USE_TMA", base.USE_TMA),
     )  # fmt: skip
 
 
@@ -304,8 +326,8 @@ def launch_fwd(
     kz = 0 if k.shape[0] == 1 else k.stride(0)
     vz = 0 if v.shape[0] == 1 else v.stride(0)
     kernel = call.modules["fwd"]._attn_fwd
+    head = (q, k, v, out, lse)
     args = (
-        q, k, v, out, lse,
         *lists,
         *q.stride(),
         kz, *k.stride()[1:],
@@ -319,8 +341,12 @@ def launch_fwd(
     folded = call.scale > 0 and call.lowered.score is None
     shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype, folded)
 
+    cfg = _fwd_effective_config(cfg, q, k, v)
+
     def run(cfg: FwdConfig) -> None:
-        kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](*args, **_fwd_constexprs(cfg, *shape_key))
+        kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](
+            *_fwd_head(head, cfg), *args, **_fwd_constexprs(cfg, *shape_key)
+        )
 
     ran = launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
     if memo is not None:
@@ -330,11 +356,24 @@ def launch_fwd(
     return out, lse
 
 
+def _fwd_effective_config(cfg: FwdConfig, q, k, v) -> FwdConfig:
+    """``cfg``, with TMA off where an input cannot be described by a tensor descriptor."""
+    if cfg.USE_TMA and not (_has_descriptors() and _tma_ok(q) and _tma_ok(k) and _tma_ok(v)):
+        return replace(cfg, USE_TMA=False)
+    return cfg
+
+
+def _fwd_head(head: tuple, cfg: FwdConfig) -> tuple:
+    """The forward's per-call leading arguments: ``q, k, v, out, lse`` and the descriptors."""
+    q, k, v = head[:3]
+    return (*head, *(_fwd_descriptors(q, k, v, cfg) if cfg.USE_TMA else (None, None, None)))
+
+
 class _FwdPlan:
     """A forward launch as :func:`launch_fwd` made it, for the next call of the same per-call
     plan (``KernelCall.memo``, see ``runtime.api``): that call has the same shapes, strides,
-    dtypes, block mask, scale and options, so only ``q, k, v``, a fresh ``out``/``lse`` and
-    the captured values are rebuilt, and the kernel is launched through
+    dtypes, block mask, scale and options, so only ``q, k, v``, a fresh ``out``/``lse``, the
+    descriptors and the captured values are rebuilt, and the kernel is launched through
     ``Launcher.launch_planned`` (GPU) or ``kernel[grid]`` (interpreter).  Returns None (the
     caller takes the full path) where TMA eligibility changed or a new specialisation ran out
     of resources."""
@@ -345,17 +384,19 @@ class _FwdPlan:
     def __init__(self, kernel, requested, cfg, grid, kwargs, args, n_params, out, lse):
         self.kernel, self.requested, self.cfg, self.grid = kernel, requested, cfg, grid
         self.kwargs, self.n_params = kwargs, n_params
-        self.rest = args[5 : len(args) - n_params]
+        self.rest = args[: len(args) - n_params]
         self.out_shape, self.lse_shape = out.shape, lse.shape
         self.dtype, self.device = out.dtype, out.device
         self.planned = getattr(kernel, "launch_planned", None)
         self.memo: dict = {}
 
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
+        if call.config.USE_TMA and _fwd_effective_config(call.config, q, k, v) != self.requested:
+            return None
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
-        args = (q, k, v, out, lse) + self.rest + params
+        args = _fwd_head((q, k, v, out, lse), self.cfg) + self.rest + params
         try:
             if self.planned is None:
                 self.kernel[self.grid](*args, **self.kwargs)
@@ -367,6 +408,43 @@ class _FwdPlan:
             call.memo.pop("fwd", None)
             return None
         return out, lse
+
+
+# -- TMA descriptors --------------------------------------------------------------------------
+# A 4-D descriptor per input ([B, H, L, E], the tensor's own strides): any layout TMA can address
+# works, also transposed views, and the hardware zero-fills rows past L and features past E, so
+# no tile crosses into the next head.  TMA wants a 16-byte aligned base, a unit feature stride
+# and 16-byte multiples as the other strides; anything else takes the pointer-load kernel.
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
+        return False
+    size = t.element_size()
+    return all(
+        n == 1 or (st > 0 and st * size % 16 == 0) for n, st in zip(t.shape[:-1], t.stride())
+    )
+
+
+def _tma_strides(t: torch.Tensor) -> list[int]:
+    # a size-1 dim is never stepped: give it a stride TMA accepts (its own may be anything)
+    strides, inner = list(t.stride()), t.shape[-1]
+    for i in (2, 1, 0):
+        if t.shape[i] == 1:
+            strides[i] = -(-inner * t.element_size() // 16) * 16 // t.element_size()
+        inner = t.shape[i] * strides[i]
+    return strides
+
+
+def _fwd_descriptors(q, k, v, cfg: FwdConfig) -> tuple:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t, rows):
+        return TensorDescriptor(
+            t, list(t.shape), _tma_strides(t), [1, 1, rows, head_dim_pad(t.shape[-1])]
+        )
+
+    return desc(q, cfg.BLOCK_M), desc(k, cfg.BLOCK_N), desc(v, cfg.BLOCK_N)
 
 
 # -- shrink-and-retry on shared-memory overflow -------------------------------------------------
@@ -555,6 +633,7 @@ def _fwd_constexprs(
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
         EVEN_KV=even_kv, HAS_FULL_BLOCKS=has_full,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", SCALE_FOLDED=folded,
+        USE_TMA=cfg.USE_TMA,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -49,6 +49,11 @@
 #   sparse_m          the BlockMask row (q block) of this tile
 #   TILES_PER_BLOCK   SPARSE_KV_BLOCK // BLOCK_N steps per listed kv block
 #   m_ij, p, alpha    new row max, exp2((s - m_ij) * c), rescale factor exp2((m_i - m_ij) * c)
+#   USE_TMA           Q, K and V tiles come through the Hopper tensor-memory accelerator: Q_DESC,
+#                     K_DESC, V_DESC are 4-D host descriptors over Q / K / V with blocks
+#                     [1, 1, BLOCK_M or BLOCK_N, D_PAD] (out-of-range rows and features read 0);
+#                     else they are None and the tiles are gathered with pointer loads
+#   off_zk            K/V batch index (0 when K and V broadcast over the batch)
 import os
 
 import triton
@@ -202,13 +207,14 @@ def mask_mod(b, h, q_idx, kv_idx):
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K, V, stride_kn, stride_kk, stride_vn, stride_vk,
+    K_DESC, V_DESC, off_zk, off_hkv,
     BLK_IDX, stride_blk, num_blocks,
     off_z, off_h, offs_m, KV_LEN, sm_scale, c,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
     EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_FOLDED: tl.constexpr,
-    IS_FULL_BLOCKS: tl.constexpr,
+    USE_TMA: tl.constexpr, IS_FULL_BLOCKS: tl.constexpr,
 ):
     # Visit the kv blocks listed at BLK_IDX[0 : num_blocks], BLOCK_N columns at a time.
     # IS_FULL_BLOCKS: every (row, col) of these blocks is kept, so mask_mod is compiled out.
@@ -226,8 +232,12 @@ def _attn_fwd_inner(
         offs_n = start_n + offs_t
         kv_idx = offs_n[None, :]
         # -- qk = q @ k^T --
-        k = _load_tile(K + start_n.to(tl.int64) * stride_kn + k_offs, offs_d[:, None] < HEAD_DIM,
-                       kv_idx < KV_LEN, HEAD_DIM != HEAD_DIM_PAD, not EVEN_KV)
+        if USE_TMA:
+            k = K_DESC.load([off_zk, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD).T
+        else:
+            k = _load_tile(K + start_n.to(tl.int64) * stride_kn + k_offs,
+                           offs_d[:, None] < HEAD_DIM, kv_idx < KV_LEN,
+                           HEAD_DIM != HEAD_DIM_PAD, not EVEN_KV)
         qk = tl.dot(_mma_in(q), _mma_in(k), input_precision=DOT_PRECISION)
         # -- scores s (see the legend: raw q.k when the scale is folded into exp2's FMA) --
         if HAS_SCORE_MOD:
@@ -250,8 +260,12 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2((m_i - m_ij_safe) * c)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc = acc * alpha + p @ v --
-        v = _load_tile(V + start_n.to(tl.int64) * stride_vn + v_offs, offs_n[:, None] < KV_LEN,
-                       offs_dv[None, :] < HEAD_DIM_V, not EVEN_KV, HEAD_DIM_V != HEAD_DIM_V_PAD)
+        if USE_TMA:
+            v = V_DESC.load([off_zk, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_V_PAD)
+        else:
+            v = _load_tile(V + start_n.to(tl.int64) * stride_vn + v_offs,
+                           offs_n[:, None] < KV_LEN, offs_dv[None, :] < HEAD_DIM_V,
+                           not EVEN_KV, HEAD_DIM_V != HEAD_DIM_V_PAD)
         acc = acc * alpha[:, None]
         acc = tl.dot(_mma_in(p.to(v.dtype)), _mma_in(v), acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -266,7 +280,7 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, OUT, LSE,
+    Q, K, V, OUT, LSE, Q_DESC, K_DESC, V_DESC,
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
     stride_qz, stride_qh, stride_qm, stride_qk,
     stride_kz, stride_kh, stride_kn, stride_kk,
@@ -282,7 +296,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
     EVEN_KV: tl.constexpr, HAS_FULL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCALE_FOLDED: tl.constexpr,
+    SCALE_FOLDED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # -- program -> (query tile, batch, head) --
     # heaviest query tiles first (longest-processing-time order): under a causal mask the last
@@ -293,6 +307,7 @@ def _attn_fwd(
     off_z = off_zh // H
     off_h = off_zh % H
     off_hkv = off_h // GQA_GROUP
+    off_zk = tl.where(stride_kz == 0, 0, off_z)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
@@ -301,9 +316,12 @@ def _attn_fwd(
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hkv.to(tl.int64) * stride_vh
     # -- load the query tile (rows past Q_LEN read 0 and are never stored) --
-    q_ptrs = q_base + (offs_m * stride_qm)[:, None] + (offs_d * stride_qk)[None, :]
-    q = _load_tile(q_ptrs, offs_m[:, None] < Q_LEN, offs_d[None, :] < HEAD_DIM,
-                   True, HEAD_DIM != HEAD_DIM_PAD)
+    if USE_TMA:
+        q = Q_DESC.load([off_z, off_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+    else:
+        q_ptrs = q_base + (offs_m * stride_qm)[:, None] + (offs_d * stride_qk)[None, :]
+        q = _load_tile(q_ptrs, offs_m[:, None] < Q_LEN, offs_d[None, :] < HEAD_DIM,
+                       True, HEAD_DIM != HEAD_DIM_PAD)
     # -- running softmax state --
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -318,10 +336,11 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q,
         k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+        K_DESC, V_DESC, off_zk, off_hkv,
         partial_idx, stride_bin, num_partial,
         off_z, off_h, offs_m, KV_LEN, sm_scale, c,
         HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-        EVEN_KV, DOT_PRECISION, SCALE_FOLDED, IS_FULL_BLOCKS=False,
+        EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, IS_FULL_BLOCKS=False,
     )
     # -- FULL blocks: mask code compiled out --
     if HAS_FULL_BLOCKS:
@@ -331,10 +350,11 @@ def _attn_fwd(
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q,
             k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+            K_DESC, V_DESC, off_zk, off_hkv,
             full_idx, stride_fin, num_full,
             off_z, off_h, offs_m, KV_LEN, sm_scale, c,
             HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-            EVEN_KV, DOT_PRECISION, SCALE_FOLDED, IS_FULL_BLOCKS=True,
+            EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, IS_FULL_BLOCKS=True,
         )
     # -- epilogue: normalise; a row that kept no key gets out = 0 and lse = -inf (no NaN) --
     row_empty = l_i == 0.0

@@ -1,0 +1,109 @@
+"""Compile a variant's forward kernel for sm_90 on a machine without a GPU and print what the
+PTX/ptxas say (warp specialisation applied? registers, spills, shared memory).
+
+    python bench/exp/aot_sm90.py --variant causal --D 128 --cfg 128x128w4s2 --tma
+
+Triton's real specialisation is reproduced: 16-divisible pointers/strides and ==1 inner strides
+(without them the PTX is unrepresentative: scalar loads, no pipelining).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import attnforge as af  # noqa: E402
+
+MODS = {
+    "noop": (None, None),
+    "causal": (None, lambda b, h, q, kv: q >= kv),
+    "softcap": (lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0), lambda b, h, q, kv: q >= kv),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="causal", choices=sorted(MODS))
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--cfg", default="128x128w8s3")
+    ap.add_argument("--tma", action="store_true")
+    ap.add_argument("--ptx", help="write the PTX here")
+    ap.add_argument("--full", type=int, default=None, help="HAS_FULL_BLOCKS (default: masked)")
+    a = ap.parse_args()
+    bm, bn, w, st = map(int, re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", a.cfg).groups())
+    score, mask = MODS[a.variant]
+    var = af.variant(score_mod=score, mask_mod=mask)
+    src = var.source("fwd")
+    path = Path("/tmp/aot_fwd_kernel.py")
+    path.write_text(src)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aot_fwd_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fn = mod._attn_fwd
+    D = a.D
+    desc = f"tensordesc<bf16[1,1,{bn},{D}]>"
+    sig, consts, attrs = {}, {}, {}
+    ptr_names = {"Q", "K", "V", "OUT", "LSE", "KV_NUM_BLKS", "KV_IDX", "FULL_KV_NUM_BLKS",
+                 "FULL_KV_IDX"}
+    full = (mask is not None) if a.full is None else bool(a.full)
+    cx = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D, BLOCK_M=bm,
+              BLOCK_N=bn, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=True,
+              HAS_FULL_BLOCKS=full, DOT_PRECISION="tf32", SCALE_FOLDED=score is None,
+              USE_TMA=a.tma)
+    for i, name in enumerate(fn.arg_names):
+        if name in cx:
+            sig[name] = "constexpr"
+            consts[name] = cx[name]
+        elif name in ("Q_DESC", "K_DESC", "V_DESC"):
+            if a.tma:
+                sig[name] = desc.replace(f"[1,1,{bn},", f"[1,1,{bm},") if name == "Q_DESC" else desc
+            else:
+                sig[name] = "constexpr"
+                consts[name] = None
+        elif name in ptr_names:
+            sig[name] = "*fp32" if name == "LSE" else "*i32" if "NUM" in name or "IDX" in name \
+                else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        elif name.endswith("k") and name.startswith("stride_") or name in (
+                "stride_bin", "stride_fin", "stride_bnm", "stride_fnm"):
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_") or name in ("Q_LEN", "KV_LEN"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    c = triton.compile(ASTSource(fn, sig, consts, attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": w, "num_stages": st})
+    ptx = c.asm["ptx"]
+    if a.ptx:
+        Path(a.ptx).write_text(ptx)
+    print(f"{a.variant} D={D} {a.cfg} tma={a.tma}: warps={c.metadata.num_warps} "
+          f"shared={c.metadata.shared} setmaxnreg={ptx.count('setmaxnreg')} "
+          f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
+          f"cp.async={ptx.count('cp.async.cg')}")
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    Path("/tmp/aot.ptx").write_text(ptx)
+    r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", "/tmp/aot.ptx", "-o", "/tmp/aot.cubin"],
+                       capture_output=True, text=True)
+    for line in r.stderr.splitlines():
+        if "registers" in line or "spill" in line:
+            print("  ", line.strip())
+
+
+if __name__ == "__main__":
+    main()
