@@ -191,3 +191,29 @@ def test_variant_calls_are_planned(full_path_calls):
     bm = attn.block_mask(64, 64)
     _check(out, q, k, v, score_mod=lambda s, b, h, i, j: s * 0.5, block_mask=bm)
     assert len(full_path_calls) == 1
+
+
+def test_tma_plan_follows_address_alignment(monkeypatch):
+    # USE_TMA forced (the interpreter runs descriptors too): a plan recorded with aligned inputs
+    # must not hand a misaligned view to TMA, and the reverse; values checked every time
+    from attnforge.runtime import launch
+
+    descs = []
+    real = launch._fwd_descriptors
+    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: descs.append(1) or real(*a))
+    api._plans.clear()
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3 * 2 * 40 * 32 + 8, generator=g)
+    opts = {"USE_TMA": True}
+
+    def view(offset):  # same shape and strides, the base moved by `offset` floats
+        return [
+            base[offset + i * 2 * 40 * 32 :][: 2 * 40 * 32].view(1, 2, 40, 32) for i in range(3)
+        ]
+
+    for offset, tma in ((0, True), (1, False), (4, True), (2, False)):
+        before = len(descs)
+        q, k, v = view(offset)
+        out = af.flex_attention(q, k, v, kernel_options=opts)
+        _check(out, q, k, v)
+        assert (len(descs) > before) == tma, (offset, tma)

@@ -358,7 +358,14 @@ def launch_fwd(
 
 def _fwd_effective_config(cfg: FwdConfig, q, k, v) -> FwdConfig:
     """``cfg``, with TMA off where an input cannot be described by a tensor descriptor."""
-    if cfg.USE_TMA and not (_has_descriptors() and _tma_ok(q) and _tma_ok(k) and _tma_ok(v)):
+    if cfg.USE_TMA and not (
+        _has_descriptors()
+        and max(cfg.BLOCK_M, cfg.BLOCK_N, head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
+        <= _TMA_MAX_BOX
+        and _tma_ok(q)
+        and _tma_ok(k)
+        and _tma_ok(v)
+    ):
         return replace(cfg, USE_TMA=False)
     return cfg
 
@@ -391,8 +398,14 @@ class _FwdPlan:
         self.memo: dict = {}
 
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
-        if call.config.USE_TMA and _fwd_effective_config(call.config, q, k, v) != self.requested:
-            return None
+        if call.config.USE_TMA:
+            # shapes and strides are the plan's: only the addresses' alignment can change what
+            # TMA allows, so the full check runs only when it disagrees with the recorded choice
+            aligned = not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
+            if aligned != self.cfg.USE_TMA and (
+                _fwd_effective_config(call.config, q, k, v) != self.requested
+            ):
+                return None
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
@@ -417,34 +430,57 @@ class _FwdPlan:
 # and 16-byte multiples as the other strides; anything else takes the pointer-load kernel.
 
 
+_TMA_MAX_BOX = 256  # a TMA block is at most 256 elements along each dim
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or 0 in t.shape:
+    return not t.data_ptr() % 16 and _tma_layout_ok(t.shape, t.stride(), t.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _tma_layout_ok(shape: tuple, strides: tuple, size: int) -> bool:
+    if strides[-1] != 1 or 0 in shape:
         return False
-    size = t.element_size()
-    return all(
-        n == 1 or (st > 0 and st * size % 16 == 0) for n, st in zip(t.shape[:-1], t.stride())
-    )
+    return all(n == 1 or (st > 0 and st * size % 16 == 0) for n, st in zip(shape[:-1], strides))
 
 
-def _tma_strides(t: torch.Tensor) -> list[int]:
-    # a size-1 dim is never stepped: give it a stride TMA accepts (its own may be anything)
-    strides, inner = list(t.stride()), t.shape[-1]
+@functools.lru_cache(maxsize=256)
+def _tma_layout(shape: tuple, strides: tuple, size: int, rows: int) -> tuple:
+    """``(shape, strides, block_shape)`` of a descriptor (memoised: host overhead; Triton only
+    reads these lists).  A size-1 dim is never stepped: it gets a stride TMA accepts (its own
+    may be anything)."""
+    fixed, inner = list(strides), shape[-1]
     for i in (2, 1, 0):
-        if t.shape[i] == 1:
-            strides[i] = -(-inner * t.element_size() // 16) * 16 // t.element_size()
-        inner = t.shape[i] * strides[i]
-    return strides
+        if shape[i] == 1:
+            fixed[i] = -(-inner * size // 16) * 16 // size
+        inner = shape[i] * fixed[i]
+    return list(shape), fixed, [1, 1, rows, head_dim_pad(shape[-1])]
 
 
 def _fwd_descriptors(q, k, v, cfg: FwdConfig) -> tuple:
+    return (_descriptor(q, cfg.BLOCK_M), _descriptor(k, cfg.BLOCK_N), _descriptor(v, cfg.BLOCK_N))
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    # TensorDescriptor(t, ...) without re-running its checks on every call (~5 us each): what
+    # they assert (16-byte alignment and strides, unit feature stride, positive sizes, power-of-
+    # two blocks of at most 256) _fwd_effective_config has checked
+    shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
+    d = _new_descriptor()
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block, padding="zero")
+    return d
+
+
+@functools.cache
+def _descriptor_class():
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    def desc(t, rows):
-        return TensorDescriptor(
-            t, list(t.shape), _tma_strides(t), [1, 1, rows, head_dim_pad(t.shape[-1])]
-        )
+    return TensorDescriptor
 
-    return desc(q, cfg.BLOCK_M), desc(k, cfg.BLOCK_N), desc(v, cfg.BLOCK_N)
+
+def _new_descriptor():
+    cls = _descriptor_class()
+    return cls.__new__(cls)
 
 
 # -- shrink-and-retry on shared-memory overflow -------------------------------------------------
