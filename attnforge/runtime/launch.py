@@ -114,16 +114,17 @@ def _default_fwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
     """sm_90+ and a Triton with host tensor descriptors."""
-    return _has_descriptors() and torch.cuda.get_device_capability(device)[0] >= 9
+    return _descriptor_class() is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache
-def _has_descriptors() -> bool:
-    try:  # Triton >= 3.3
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+def _descriptor_class():
+    """Triton's host ``TensorDescriptor`` (Triton >= 3.3), or None."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
-        return False
-    return True
+        return None
+    return TensorDescriptor
 
 
 def _tile(name: str, want: int, block: int, which: str, explicit: bool) -> int:
@@ -359,7 +360,7 @@ def launch_fwd(
 def _fwd_effective_config(cfg: FwdConfig, q, k, v) -> FwdConfig:
     """``cfg``, with TMA off where an input cannot be described by a tensor descriptor."""
     if cfg.USE_TMA and not (
-        _has_descriptors()
+        _descriptor_class() is not None
         and max(cfg.BLOCK_M, cfg.BLOCK_N, head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
         <= _TMA_MAX_BOX
         and _tma_ok(q)
@@ -466,21 +467,10 @@ def _descriptor(t: torch.Tensor, rows: int):
     # they assert (16-byte alignment and strides, unit feature stride, positive sizes, power-of-
     # two blocks of at most 256) _fwd_effective_config has checked
     shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
-    d = _new_descriptor()
+    cls = _descriptor_class()
+    d = cls.__new__(cls)
     d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block, padding="zero")
     return d
-
-
-@functools.cache
-def _descriptor_class():
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor
-
-
-def _new_descriptor():
-    cls = _descriptor_class()
-    return cls.__new__(cls)
 
 
 # -- shrink-and-retry on shared-memory overflow -------------------------------------------------
