@@ -33,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tma_descriptor_calls(monkeypatch):
+    """A list that grows by one at every forward launch built with TMA descriptors."""
+    from attnforge.runtime import launch
+
+    calls = []
+    real = launch._fwd_descriptors
+    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: calls.append(1) or real(*a))
+    return calls

@@ -193,14 +193,10 @@ def test_variant_calls_are_planned(full_path_calls):
     assert len(full_path_calls) == 1
 
 
-def test_tma_plan_follows_address_alignment(monkeypatch):
+def test_tma_plan_follows_address_alignment(tma_descriptor_calls):
     # USE_TMA forced (the interpreter runs descriptors too): a plan recorded with aligned inputs
     # must not hand a misaligned view to TMA, and the reverse; values checked every time
-    from attnforge.runtime import launch
-
-    descs = []
-    real = launch._fwd_descriptors
-    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: descs.append(1) or real(*a))
+    descs = tma_descriptor_calls
     api._plans.clear()
     g = torch.Generator().manual_seed(4)
     base = torch.randn(3 * 2 * 40 * 32 + 8, generator=g)

@@ -10,12 +10,11 @@ combinations are ``slow``; production shapes are ``gpu``.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from aot import run_sm90_build
 from zoo import MASKS, MAX_B, MAX_H, SCORES, ZOO
 
 import attnforge as af
@@ -576,22 +575,8 @@ print("compiled", len(cases))
 def test_compiled_path_builds_for_sm90_without_a_gpu(tmp_path):
     # CI has no GPU: build the same generated source through Triton's CUDA backend (to PTX /
     # cubin) in a process where triton is not in interpreter mode
-    import subprocess
-    import sys
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("triton has no CUDA backend here")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=str(Path(__file__).parent.parent))  # fmt: skip
-    code = _AOT.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("no ptxas available")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 8" in proc.stdout
+    stdout = run_sm90_build(_AOT, tmp_path, timeout=600)
+    assert "compiled 8" in stdout
 
 
 # -- GPU, production shapes -----------------------------------------------------------------
@@ -735,33 +720,24 @@ TMA_CASES = [
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"{c[8]}-{c[9]}-L{c[3]}-E{c[5]}")
-def test_tma_loads_match_reference(case, monkeypatch):
-    import attnforge.runtime.launch as launch
-
+def test_tma_loads_match_reference(case, tma_descriptor_calls):
     B, Hq, Hkv, L, S, E, Ev, dtype, score, mask, Bkv = case
-    calls = []
-    real = launch._fwd_descriptors
-    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(5)
     q, k, v = make_qkv(B, Hq, Hkv, L, S, E, Ev, dtype, Bkv=Bkv)
     score_fn = ZOO[score].fn if score else None
     bm = block_mask(ZOO[mask].fn, B, Hq, L, S) if mask else None
     out, lse = check(q, k, v, score_fn, bm, enable_gqa=Hq != Hkv,
                      kernel_options={"USE_TMA": True})  # fmt: skip
-    assert calls, "the TMA path was not taken"
+    assert tma_descriptor_calls, "the TMA path was not taken"
     plain = af.flex_attention(q, k, v, score_mod=score_fn, block_mask=bm, enable_gqa=Hq != Hkv,
                               kernel_options={"USE_TMA": False})  # fmt: skip
     assert torch.equal(out, plain)
 
 
-def test_tma_layouts_and_fallback(monkeypatch):
+def test_tma_layouts_and_fallback(tma_descriptor_calls):
     # transposed views ([B, L, H, E] storage) and size-1 dims go through descriptors; a feature
     # stride TMA cannot address (E=20 bf16: 40-byte rows) or a misaligned base falls back
-    import attnforge.runtime.launch as launch
-
-    calls = []
-    real = launch._fwd_descriptors
-    monkeypatch.setattr(launch, "_fwd_descriptors", lambda *a: calls.append(1) or real(*a))
+    calls = tma_descriptor_calls
     opts = {"USE_TMA": True}
     torch.manual_seed(6)
     x = torch.randn(2, 33, 3, 40).to(torch.bfloat16).transpose(1, 2)  # strides not [B, H, L, E]
