@@ -359,6 +359,19 @@ def test_backward_kernel_options():
     run_case(BY_NAME["rel_bias_causal"], Shape(L=50, S=70, block=(32, 32)), kernel_options=tiles)
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 7])
+@pytest.mark.parametrize("atomic", [False, True])
+def test_program_order_head_groups(group, atomic):
+    """Any HEAD_GROUP (heads per group of the 1-D program order, the last group smaller when it
+    does not divide the heads) computes every (tile, head) exactly once: 5 query heads over 5
+    kv heads (B=5, H=1) and 3 x 2 GQA, several tiles per head, causal."""
+    opts = {"HEAD_GROUP": group, "DQ_ATOMIC": atomic, "BLOCK_M1": 16, "BLOCK_N1": 16,
+            "BLOCK_M2": 16, "BLOCK_N2": 16, "BLOCK_M": 16, "BLOCK_N": 16}
+    run_case(BY_NAME["causal_offset_masked_rows"], Shape(B=5, Hq=1, Hkv=1, L=50, S=47),
+             kernel_options=opts, return_lse=True)
+    run_case(BY_NAME["rel_bias_causal"], Shape(B=3, Hq=4, Hkv=2, L=33, S=40), kernel_options=opts)
+
+
 def _fake_launch(max_tile: int):
     """A stand-in kernel that runs only when its dK/dV tiles fit ``max_tile`` (the way Triton
     refuses an over-large binary), recording the configs it was asked to run."""
@@ -401,7 +414,7 @@ def test_default_backward_tiles_follow_measurements():
     from attnforge.runtime.launch import BwdConfig, _default_bwd
 
     cuda = torch.device("cuda")
-    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 3, True)
+    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 3, False)
     assert _default_bwd(cuda, torch.float16, 64) == BwdConfig(64, 64, 64, 64, 4, 3)
     assert _default_bwd(torch.device("cpu"), torch.float32, 64).num_stages == 1
 

@@ -35,7 +35,7 @@ from .render import ParamSlot
 
 __all__ = ["Lowered", "lower", "ABI_VERSION", "EMITTERS"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 @dataclass(eq=False)

@@ -44,9 +44,12 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N2": "backward dQ key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
+    "HEAD_GROUP": "program order: heads per group (int >= 1); each group runs its heaviest "
+    "tiles first (default: sized so the grid ends on light tiles and a group's K/V fits in L2)",
     "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
-    "kernel (fewer matmuls; the default unless torch.use_deterministic_algorithms is "
-    "on), False computes it in its own kernel (bit-reproducible)",
+    "kernel (fewer matmuls, but an fp32 buffer to fill and cast; not under "
+    "torch.use_deterministic_algorithms unless set here), False (default) computes it in its "
+    "own kernel (bit-reproducible)",
 }
 _BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
@@ -166,6 +169,35 @@ def choose_fwd_config(
 @functools.cache
 def head_dim_pad(d: int) -> int:
     return max(_MIN_TILE, 1 << max(0, math.ceil(math.log2(max(d, 1)))))
+
+
+# -- program order ------------------------------------------------------------------------------
+# The kernels walk a 1-D grid of tiles x heads in groups of HEAD_GROUP heads, heaviest tiles of a
+# group first (``_program_tile`` in the template prelude).  With one head per group (tiles of a
+# head adjacent) the last head's heaviest causal tile starts near the end of the grid and runs
+# alone: the tail costs a few percent of the kernel.  Once a group's heavy tiles have started,
+# the rest of the group (about G * n_tiles programs of half a heavy tile's work on average) must
+# keep the other SMs busy as long as a heavy tile runs: G * n_tiles / 2 >= SMs.  The group stays
+# small enough for the operands its programs stream (K/V, or Q/dO for dK/dV) to fit in L2.
+_L2_BUDGET = 32 << 20  # bytes of a group's streamed operands (H100 L2: 50 MB)
+_INTERPRETER_SMS = 4
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def head_group(options: dict, n_tiles: int, n_heads: int, stream_bytes: int, device) -> int:
+    """Heads per group of the program order (``kernel_options["HEAD_GROUP"]`` if given);
+    ``stream_bytes``: what one head's programs stream (K and V in the forward)."""
+    if "HEAD_GROUP" in options:
+        return options["HEAD_GROUP"]
+    want = -(-2 * _sm_count(device) // max(n_tiles, 1))
+    cap = max(2, _L2_BUDGET // max(stream_bytes, 1))
+    return max(1, min(want, cap, n_heads))
 
 
 # -- the call ----------------------------------------------------------------------------------
@@ -336,6 +368,8 @@ def launch_fwd(
         *out.stride(),
         *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
+        head_group(call.options, triton_cdiv(L, cfg.BLOCK_M), B * Hq,
+                   S * (E + Ev) * q.element_size() // call.gqa_group, q.device),
         *(params := _param_args(call.lowered, call.scalars, tensors)),
     )  # fmt: skip
     # sm_scale > 0: the softmax can take its max over raw q.k and fold the scale into exp2
@@ -345,13 +379,13 @@ def launch_fwd(
     cfg = _fwd_effective_config(cfg, q, k, v)
 
     def run(cfg: FwdConfig) -> None:
-        kernel[(triton_cdiv(L, cfg.BLOCK_M), B * Hq)](
+        kernel[(triton_cdiv(L, cfg.BLOCK_M) * B * Hq,)](
             *_fwd_head(head, cfg), *args, **_fwd_constexprs(cfg, *shape_key)
         )
 
     ran = launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
     if memo is not None:
-        grid = (triton_cdiv(L, ran.BLOCK_M), B * Hq)
+        grid = (triton_cdiv(L, ran.BLOCK_M) * B * Hq,)
         kw = _fwd_constexprs(ran, *shape_key)
         memo["fwd"] = _FwdPlan(kernel, cfg, ran, grid, kw, args, len(params), out, lse)
     return out, lse
@@ -686,19 +720,19 @@ class BwdConfig:
 
 def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) -> BwdConfig:
     if device.type != "cuda":
-        # interpreter: few, large tiles; dQ by atomics, as the CUDA default at D=128 (the CPU
-        # tests cover both paths through kernel_options)
-        return BwdConfig(64, 64, 64, 64, 4, 1, DQ_ATOMIC=True)
+        # interpreter: few, large tiles; dQ in its own kernel, as on CUDA (the CPU tests cover
+        # both paths through kernel_options)
+        return BwdConfig(64, 64, 64, 64, 4, 1, DQ_ATOMIC=False)
     if dtype == torch.float32:
         return BwdConfig(32, 64, 64, 32, 4, 1)
     # 16-bit, measured on H100 (bench/NOTES.md): 64-row dK/dV and 64-key dQ inner steps; a mod
-    # whose scratch overflows the shared memory shrinks them back (launch_shrinking).  dQ by
-    # atomics wins at D=128 (the dQ kernel's extra QK^T and dP matmuls cost more than the
-    # atomics) and loses at D=64 (half the matmul work per atomic)
+    # whose scratch overflows the shared memory shrinks them back (launch_shrinking).  dQ in its
+    # own kernel: with the heavy-first program order it beats dQ by atomics at D=128 too (the
+    # atomics' fp32 buffer, zero-fill and cast cost more than the two matmuls they save)
     if head_dim_pad <= 64:
         return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=True)
+        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=False)
     return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
@@ -832,6 +866,8 @@ def launch_bwd(
         *dk.stride(), *dv.stride(), *dq_acc.stride(),
         *q_strides,
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
+        head_group(call.options, triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv,
+                   z_per_kv * call.gqa_group * L * (E + Ev) * q.element_size(), dev),
         *params,
     )  # fmt: skip
 
@@ -845,42 +881,43 @@ def launch_bwd(
     kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
     dq_kernel = mod._attn_bwd_dq
     dq_args = (
-        q, k, v, d_out, dq, lse, delta,
+        q, k, v, out, d_out, dq, lse, delta, dl,
         *kv_lists,
-        *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(), *dq.stride(),
+        *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *out.stride(), *d_out.stride(),
+        *dq.stride(), *(dl.stride() if has_dlse else (0, 0, 0)),
         *kv_strides,
         Hq, call.gqa_group, L, S, call.scale,
+        head_group(call.options, triton_cdiv(L, cfg.BLOCK_M2), B * Hq,
+                   S * (E + Ev) * q.element_size() // call.gqa_group, dev),
         *params, *grad_args,
     )  # fmt: skip
 
     def dq_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M2, BLOCK_N=c.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
-                    TENSOR_GRADS=bits, num_warps=c.num_warps, num_stages=c.num_stages,
-                    **consts)  # fmt: skip
+                    TENSOR_GRADS=bits, HAS_DLSE=has_dlse, num_warps=c.num_warps,
+                    num_stages=c.num_stages, **consts)  # fmt: skip
 
     dkdv_key = (*shape_key, has_full_q, dq_in_dkdv)
-    dq_key = (*shape_key, has_full, bits)
-    jobs = [
-        (mod._attn_bwd_preprocess, pre_args, pre_consts, None),
-        (dkdv, dkdv_args, dkdv_kw, (cfg, dkdv_key, _DKDV_SHRINK)),
-    ]
-    if run_dq_kernel:
-        jobs.append((dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK)))
+    dq_key = (*shape_key, has_full, bits, has_dlse)
+    # delta comes from the dQ kernel, which then runs first, or from the preprocess kernel
+    jobs = [(dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK))] if run_dq_kernel else [
+        (mod._attn_bwd_preprocess, pre_args, pre_consts, None)]  # fmt: skip
+    jobs.append((dkdv, dkdv_args, dkdv_kw, (cfg, dkdv_key, _DKDV_SHRINK)))
     precompile(call.options, jobs)
     if dry:
         return None
-    mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
-
-    def run_dkdv(c: BwdConfig) -> None:
-        dkdv[(triton_cdiv(S, c.BLOCK_N1), Bkv * Hkv)](*dkdv_args, **dkdv_kw(c))
-
-    launch_shrinking(dkdv, cfg, dkdv_key, call.options, _DKDV_SHRINK, run_dkdv)
 
     def run_dq(c: BwdConfig) -> None:
-        dq_kernel[(triton_cdiv(L, c.BLOCK_M2), B * Hq)](*dq_args, **dq_kw(c))
+        dq_kernel[(triton_cdiv(L, c.BLOCK_M2) * B * Hq,)](*dq_args, **dq_kw(c))
+
+    def run_dkdv(c: BwdConfig) -> None:
+        dkdv[(triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)](*dkdv_args, **dkdv_kw(c))
 
     if run_dq_kernel:
         launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
+    else:
+        mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
+    launch_shrinking(dkdv, cfg, dkdv_key, call.options, _DKDV_SHRINK, run_dkdv)
     if dq_in_dkdv:
         dq.copy_(dq_acc)
     return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)

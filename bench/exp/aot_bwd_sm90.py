@@ -1,0 +1,106 @@
+"""Compile a bench variant's backward kernels for sm_90 on a machine without a GPU and print
+registers / spills / shared memory per kernel (ptxas), as bench/exp/aot_sm90.py does for the
+forward.
+
+    python bench/exp/aot_bwd_sm90.py --variant alibi --D 128 --cfg 64,128,128,64,w8s3,a1
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from attnforge.codegen import lower  # noqa: E402
+from attnforge.dsl.api import as_mod  # noqa: E402
+from attnforge.runtime import loader  # noqa: E402
+
+PTR = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
+SCALAR = {"float": "fp32", "int": "i32", "bool": "i1"}
+BF16_PTRS = {"Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV"}
+F32_PTRS = {"LSE", "DELTA", "DLSE", "DQ_ACC"}
+
+
+def arg_type(a: str, slots: dict) -> str:
+    if a in BF16_PTRS:
+        return "*bf16"
+    if a in F32_PTRS:
+        return "*fp32"
+    if "NUM_BLKS" in a or a.endswith("_IDX"):
+        return "*i32"
+    if a.endswith("_DESC"):
+        return "desc"
+    return "fp32" if a == "sm_scale" else slots.get(a, "i32")
+
+
+def main() -> None:
+    import bench_attention as ba
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="causal")
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--cfg", default="64,128,128,64,w8s3,a1")
+    ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
+    ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
+    a = ap.parse_args()
+    parts = a.cfg.split(",")
+    m1, n1, m2, n2 = map(int, parts[:4])
+    w, st = map(int, parts[4][1:].split("s"))
+    atomic = len(parts) > 5 and parts[5] == "a1"
+    score, mask, _ = ba.make_variant(a.variant, 16, 8192, "cpu")
+    low = lower(as_mod(score, "score"), as_mod(mask, "mask"))
+    path = Path(tempfile.mkdtemp(prefix="aotbwd")) / "bwd.py"
+    path.write_text(low.files["bwd.py"])
+    mod = loader.load_module(path, "aot_bwd", interpret=False)
+    slots = {s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype]) for s in low.slots}
+    D = a.D
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D,
+                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=True, EVEN_KV=True,
+                  HAS_FULL_BLOCKS=mask is not None, DOT_PRECISION="tf32", TENSOR_GRADS=0,
+                  HAS_DLSE=False, DQ_ATOMIC=atomic)
+    for e in a.extra:
+        k_, v_ = e.split("=")
+        common[k_] = int(v_)
+    tiles = {"_attn_bwd_dkdv": dict(BLOCK_M=m1, BLOCK_N=n1),
+             "_attn_bwd_dq": dict(BLOCK_M=m2, BLOCK_N=n2)}
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    for name in a.kernels:
+        fn = getattr(mod, name)
+        const = {**common, **tiles.get(name, {})}
+        sig, constexprs, attrs = {}, {}, {}
+        for j, arg in enumerate(fn.arg_names):
+            if arg in const:
+                sig[arg], constexprs[(j,)] = "constexpr", const[arg]
+            elif arg.startswith("stride_") and arg.endswith(("k", "n", "m")) and arg[-2] in "oqkvdhaibf" and arg.endswith("k"):
+                sig[arg], constexprs[(j,)] = "constexpr", 1
+            else:
+                sig[arg] = arg_type(arg, slots)
+                if sig[arg].startswith("*") or arg.startswith("stride_") or arg.endswith("_LEN"):
+                    attrs[(j,)] = [["tt.divisibility", 16]]
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=w, num_stages=st))
+        ptx = c.asm["ptx"]
+        p = Path(tempfile.mkdtemp(prefix="aotbwd")) / "k.ptx"
+        p.write_text(ptx)
+        r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(p), "-o", str(p) + ".cubin"],
+                           capture_output=True, text=True)
+        regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+        print(f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
+              f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
+              f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
+              f"cp.async={ptx.count('cp.async.cg')} | " + " | ".join(regs))
+
+
+if __name__ == "__main__":
+    main()
