@@ -415,6 +415,9 @@ def test_default_backward_tiles_follow_measurements():
 
     cuda = torch.device("cuda")
     assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 3, False)
+    # a score mod with a non-constant derivative (softcap) takes dQ by atomics at D=128
+    assert _default_bwd(cuda, torch.bfloat16, 128, costly_score=True).DQ_ATOMIC
+    assert not _default_bwd(cuda, torch.bfloat16, 64, costly_score=True).DQ_ATOMIC
     assert _default_bwd(cuda, torch.float16, 64) == BwdConfig(64, 64, 64, 64, 4, 3)
     assert _default_bwd(torch.device("cpu"), torch.float32, 64).num_stages == 1
 

@@ -60,6 +60,11 @@ class Lowered:
         return self.score_slots + self.mask_slots
 
     @cached_property
+    def has_score_grad(self) -> bool:
+        """The score mod's derivative is not the constant 1 (it costs work per score)."""
+        return grad.has_score_grad(self.score)
+
+    @cached_property
     def meta(self) -> dict:
         """The kernel ABI, JSON-serialisable (also written as ``meta.json``)."""
         return {

@@ -369,6 +369,15 @@ def _prelude() -> str:
     return text[start:end].rstrip() + "\n"
 
 
+def _nontrivial(sg: ScoreGrad | None) -> bool:
+    return sg is not None and sg.d_score is not const(1.0)
+
+
+def has_score_grad(score: Node | None) -> bool:
+    """dT/dscore of the score mod is not the constant 1."""
+    return _nontrivial(score_grad(score) if score is not None else None)
+
+
 def _depends(roots, ops) -> bool:
     return any(n.op in ops for n in toposort(list(roots)))
 
@@ -449,7 +458,7 @@ def grad_functions(score: Node | None, score_slots, gslots) -> str:
     from .render import render_body
 
     sg = score_grad(score) if score is not None else None
-    has_score_grad = sg is not None and sg.d_score is not const(1.0)
+    has_score_grad = _nontrivial(sg)
     flags = f"HAS_SCORE_GRAD = tl.constexpr({has_score_grad})  # False: dT/dscore == 1"
     args = ["score", "b", "h", "q_idx", "kv_idx"] + [a for s in score_slots for a in s.args]
     if sg is None:

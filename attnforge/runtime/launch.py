@@ -718,7 +718,9 @@ class BwdConfig:
     DQ_ATOMIC: bool = False  # dQ by atomics in the dK/dV kernel (see use_dq_atomic)
 
 
-def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) -> BwdConfig:
+def _default_bwd(
+    device: torch.device, dtype: torch.dtype, head_dim_pad: int, costly_score: bool = False
+) -> BwdConfig:
     if device.type != "cuda":
         # interpreter: few, large tiles; dQ in its own kernel, as on CUDA (the CPU tests cover
         # both paths through kernel_options)
@@ -727,23 +729,25 @@ def _default_bwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
         return BwdConfig(32, 64, 64, 32, 4, 1)
     # 16-bit, measured on H100 (bench/NOTES.md): 64-row dK/dV and 64-key dQ inner steps; a mod
     # whose scratch overflows the shared memory shrinks them back (launch_shrinking).  dQ in its
-    # own kernel: with the heavy-first program order it beats dQ by atomics at D=128 too (the
-    # atomics' fp32 buffer, zero-fill and cast cost more than the two matmuls they save)
+    # own kernel: with the heavy-first program order it beats dQ by atomics at D=128 (the
+    # atomics' fp32 buffer, zero-fill and cast cost more than the two matmuls they save), except
+    # for a score mod with a non-constant derivative (softcap: evaluated once, not twice)
     if head_dim_pad <= 64:
         return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=False)
+        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=costly_score)
     return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
 def choose_bwd_config(
-    q: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], options: dict
+    q: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], options: dict,
+    costly_score: bool = False,
 ) -> BwdConfig:
     """Backward tiles for the device/dtype/head dim, overridden by ``kernel_options``
     (``BLOCK_M1 BLOCK_N1 BLOCK_M2 BLOCK_N2 num_warps num_stages``); tiles divide the block
     mask's (Q_BLOCK, KV_BLOCK)."""
     d_pad = max(head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
-    base = _default_bwd(q.device, q.dtype, d_pad)
+    base = _default_bwd(q.device, q.dtype, d_pad, costly_score)
     which = {"M": (block_size[0], "Q_BLOCK (BLOCK_SIZE[0])"),
              "N": (block_size[1], "KV_BLOCK (BLOCK_SIZE[1])")}  # fmt: skip
 
@@ -822,7 +826,8 @@ def launch_bwd(
     buffers, grad_args, bits = _grad_buffers(call, tensors, needs, dev)
     if L == 0 or S == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), _cast_grads(buffers, tensors)
-    cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options)
+    cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options,
+                            call.lowered.has_score_grad)
     bm, mod = call.block_mask, call.modules["bwd"]
     q_block, kv_block = bm.BLOCK_SIZE
     params = _param_args(call.lowered, call.scalars, tensors)
