@@ -37,9 +37,9 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N": "forward key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "num_warps": "forward warps per program",
     "num_stages": "forward software-pipelining stages",
-    "USE_TMA": "forward: load Q/K/V tiles with the Hopper tensor-memory accelerator (bool; "
-    "default on for 16-bit inputs on sm_90+; inputs it cannot describe fall back to pointer "
-    "loads)",
+    "USE_TMA": "load tiles with the Hopper tensor-memory accelerator (bool; default on for "
+    "16-bit inputs on sm_90+ in the forward and the backward's dQ loop; True also in the dK/dV "
+    "loop; inputs it cannot describe fall back to pointer loads)",
     "BLOCK_M1": "backward dK/dV query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
@@ -570,11 +570,11 @@ def _async_compile_mode():
 
 
 def precompile(options: dict, jobs: list) -> None:
-    """Compile ``jobs`` = ``[(kernel, args, kwargs or kwargs_of(cfg), shrink or None)]`` on
-    threads the first time this process sees them; ``shrink = (cfg, shape_key, plan)`` picks the
-    config :func:`launch_shrinking` will start from.  Only ever a speed-up: errors are left for
-    the real launch to raise."""
-    if not jobs[0][1][0].is_cuda or not _knob("ATTNFORGE_PARALLEL_COMPILE"):
+    """Compile ``jobs`` = ``[(kernel, args or args_of(cfg), kwargs or kwargs_of(cfg), shrink or
+    None)]`` on threads the first time this process sees them; ``shrink = (cfg, shape_key,
+    plan)`` picks the config :func:`launch_shrinking` will start from.  Only ever a speed-up:
+    errors are left for the real launch to raise."""
+    if not _knob("ATTNFORGE_PARALLEL_COMPILE"):
         return
     todo = []
     for kernel, args, kw, shrink in jobs:
@@ -583,6 +583,9 @@ def precompile(options: dict, jobs: list) -> None:
             fixed = frozenset(options).intersection(f for f, _ in plan)
             cfg = _SHRUNK.get((id(kernel), cfg, shape_key, fixed), (None, cfg))[1]
             kw = kw(cfg)
+            args = args(cfg) if callable(args) else args
+        if not args[0].is_cuda:
+            return
         key = (id(kernel), tuple(sorted(kw.items())))
         if key not in _PRECOMPILED and hasattr(kernel, "warmup"):
             todo.append((kernel, args, kw, key))
@@ -716,6 +719,7 @@ class BwdConfig:
     num_warps: int
     num_stages: int
     DQ_ATOMIC: bool = False  # dQ by atomics in the dK/dV kernel (see use_dq_atomic)
+    USE_TMA: bool = False  # the loops' Q/dO (dK/dV) and K/V (dQ) tiles through TMA
 
 
 def _default_bwd(
@@ -732,10 +736,11 @@ def _default_bwd(
     # own kernel: with the heavy-first program order it beats dQ by atomics at D=128 (the
     # atomics' fp32 buffer, zero-fill and cast cost more than the two matmuls they save), except
     # for a score mod with a non-constant derivative (softcap: evaluated once, not twice)
+    tma = _has_tma(device)
     if head_dim_pad <= 64:
-        return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False)
+        return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False, USE_TMA=tma)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=costly_score)
+        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=costly_score, USE_TMA=tma)
     return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
@@ -760,6 +765,7 @@ def choose_bwd_config(
         num_warps=options.get("num_warps", base.num_warps),
         num_stages=options.get("num_stages", base.num_stages),
         DQ_ATOMIC=options.get("DQ_ATOMIC", base.DQ_ATOMIC),
+        USE_TMA=options.get("USE_TMA", base.USE_TMA),
     )
 
 
@@ -864,8 +870,20 @@ def launch_bwd(
     q_lists, q_strides, has_full_q = _block_args(bm, q_block_lists)
     z_per_kv = B if Bkv == 1 else 1
     dkdv = mod._attn_bwd_dkdv
-    dkdv_args = (
-        q, k, v, d_out, dk, dv, lse, delta, dq_acc,
+    # TMA where every tensor a loop reads can be described (tiles checked per config).  The
+    # dK/dV loop takes it only when asked: on sm_90 its Q/dO descriptor loads cost the
+    # register-bound kernel more spills (ptxas: 24 -> 64 bytes, causal D=128) than they save
+    tma = cfg.USE_TMA and _descriptor_class() is not None and max(
+        head_dim_pad(E), head_dim_pad(Ev)) <= _TMA_MAX_BOX and all(
+        _tma_ok(t) for t in (q, k, v, d_out))  # fmt: skip
+    tma_dkdv = tma and call.options.get("USE_TMA", False)
+
+    def dkdv_args(c: BwdConfig) -> tuple:
+        descs = (_descriptor(q, c.BLOCK_M1), _descriptor(d_out, c.BLOCK_M1)) if _tma_on(
+            tma_dkdv, c.BLOCK_M1) else (None, None)  # fmt: skip
+        return (q, k, v, d_out, dk, dv, lse, delta, dq_acc, *descs, *dkdv_rest)
+
+    dkdv_rest = (
         *q_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *d_out.stride(),
         *dk.stride(), *dv.stride(), *dq_acc.stride(),
@@ -878,15 +896,20 @@ def launch_bwd(
 
     def dkdv_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
-                    DQ_ATOMIC=dq_in_dkdv, num_warps=c.num_warps, num_stages=c.num_stages,
-                    **consts)  # fmt: skip
+                    DQ_ATOMIC=dq_in_dkdv, USE_TMA=_tma_on(tma_dkdv, c.BLOCK_M1),
+                    num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
     # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
     #    safe for the atomics: it is raised when the binary loads, before anything runs) --
     kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
     dq_kernel = mod._attn_bwd_dq
-    dq_args = (
-        q, k, v, out, d_out, dq, lse, delta, dl,
+
+    def dq_args(c: BwdConfig) -> tuple:
+        descs = (_descriptor(k, c.BLOCK_N2), _descriptor(v, c.BLOCK_N2)) if _tma_on(
+            tma, c.BLOCK_N2) else (None, None)  # fmt: skip
+        return (q, k, v, out, d_out, dq, lse, delta, dl, *descs, *dq_rest)
+
+    dq_rest = (
         *kv_lists,
         *q.stride(), kz, *k.stride()[1:], vz, *v.stride()[1:], *out.stride(), *d_out.stride(),
         *dq.stride(), *(dl.stride() if has_dlse else (0, 0, 0)),
@@ -899,8 +922,8 @@ def launch_bwd(
 
     def dq_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M2, BLOCK_N=c.BLOCK_N2, HAS_FULL_BLOCKS=has_full,
-                    TENSOR_GRADS=bits, HAS_DLSE=has_dlse, num_warps=c.num_warps,
-                    num_stages=c.num_stages, **consts)  # fmt: skip
+                    TENSOR_GRADS=bits, HAS_DLSE=has_dlse, USE_TMA=_tma_on(tma, c.BLOCK_N2),
+                    num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
     dkdv_key = (*shape_key, has_full_q, dq_in_dkdv)
     dq_key = (*shape_key, has_full, bits, has_dlse)
@@ -913,10 +936,10 @@ def launch_bwd(
         return None
 
     def run_dq(c: BwdConfig) -> None:
-        dq_kernel[(triton_cdiv(L, c.BLOCK_M2) * B * Hq,)](*dq_args, **dq_kw(c))
+        dq_kernel[(triton_cdiv(L, c.BLOCK_M2) * B * Hq,)](*dq_args(c), **dq_kw(c))
 
     def run_dkdv(c: BwdConfig) -> None:
-        dkdv[(triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)](*dkdv_args, **dkdv_kw(c))
+        dkdv[(triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)](*dkdv_args(c), **dkdv_kw(c))
 
     if run_dq_kernel:
         launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
@@ -926,6 +949,10 @@ def launch_bwd(
     if dq_in_dkdv:
         dq.copy_(dq_acc)
     return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)
+
+
+def _tma_on(tma: bool, rows: int) -> bool:
+    return tma and rows <= _TMA_MAX_BOX
 
 
 def _cast_grads(buffers: dict[int, torch.Tensor], tensors: list) -> list:

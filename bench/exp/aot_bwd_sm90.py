@@ -2,7 +2,7 @@
 registers / spills / shared memory per kernel (ptxas), as bench/exp/aot_sm90.py does for the
 forward.
 
-    python bench/exp/aot_bwd_sm90.py --variant alibi --D 128 --cfg 64,128,128,64,w8s3,a1
+    python bench/exp/aot_bwd_sm90.py --variant alibi --D 128 --cfg 64,128,128,64,w8s3,a1 [--tma]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--cfg", default="64,128,128,64,w8s3,a1")
     ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
+    ap.add_argument("--tma", action="store_true", help="USE_TMA: descriptor loads in the loops")
     a = ap.parse_args()
     parts = a.cfg.split(",")
     m1, n1, m2, n2 = map(int, parts[:4])
@@ -67,7 +68,7 @@ def main() -> None:
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=True, EVEN_KV=True,
                   HAS_FULL_BLOCKS=mask is not None, DOT_PRECISION="tf32", TENSOR_GRADS=0,
-                  HAS_DLSE=False, DQ_ATOMIC=atomic)
+                  HAS_DLSE=False, DQ_ATOMIC=atomic, USE_TMA=a.tma)
     for e in a.extra:
         k_, v_ = e.split("=")
         common[k_] = int(v_)
@@ -78,8 +79,14 @@ def main() -> None:
         fn = getattr(mod, name)
         const = {**common, **tiles.get(name, {})}
         sig, constexprs, attrs = {}, {}, {}
+        rows = const.get("BLOCK_M") if name == "_attn_bwd_dkdv" else const.get("BLOCK_N")
         for j, arg in enumerate(fn.arg_names):
-            if arg in const:
+            if arg.endswith("_DESC"):
+                if a.tma:
+                    sig[arg] = f"tensordesc<bf16[1,1,{rows},{D}]>"
+                else:
+                    sig[arg], constexprs[(j,)] = "constexpr", None
+            elif arg in const:
                 sig[arg], constexprs[(j,)] = "constexpr", const[arg]
             elif arg.startswith("stride_") and arg.endswith(("k", "n", "m")) and arg[-2] in "oqkvdhaibf" and arg.endswith("k"):
                 sig[arg], constexprs[(j,)] = "constexpr", 1
