@@ -546,7 +546,8 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
     common = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=even, EVEN_KV=even,
                   HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32", TENSOR_GRADS=(1 << 8) - 1,
-                  HAS_DLSE=True, DQ_ATOMIC=i != 1)  # dQ by atomics in the dK/dV kernel
+                  HAS_DLSE=True, DQ_ATOMIC=i != 1,  # dQ by atomics in the dK/dV kernel
+                  POS_F32=True)
     tiles = {{"_attn_bwd_preprocess": dict(BLOCK_M=128), "_attn_bwd_dkdv": dict(BLOCK_M=32,
              BLOCK_N=128), "_attn_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32)}}
     for name, tile in tiles.items():

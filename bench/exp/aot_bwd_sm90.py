@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--cfg", default="64,128,128,64,w8s3,a1")
     ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
+    ap.add_argument("--pos-f32", type=int, default=1,
+                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
     a = ap.parse_args()
     parts = a.cfg.split(",")
     m1, n1, m2, n2 = map(int, parts[:4])
@@ -67,7 +69,7 @@ def main() -> None:
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=True, EVEN_KV=True,
                   HAS_FULL_BLOCKS=mask is not None, DOT_PRECISION="tf32", TENSOR_GRADS=0,
-                  HAS_DLSE=False, DQ_ATOMIC=atomic)
+                  HAS_DLSE=False, DQ_ATOMIC=atomic, POS_F32=bool(a.pos_f32))
     for e in a.extra:
         k_, v_ = e.split("=")
         common[k_] = int(v_)

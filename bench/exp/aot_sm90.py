@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--full", type=int, default=None, help="HAS_FULL_BLOCKS (default: masked)")
+    ap.add_argument("--pos-f32", type=int, default=1,
+                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
     a = ap.parse_args()
     bm, bn, w, st = map(int, re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", a.cfg).groups())
     if a.variant in MODS:
@@ -74,7 +76,7 @@ def main() -> None:
     cx = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D, BLOCK_M=bm,
               BLOCK_N=bn, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=True,
               HAS_FULL_BLOCKS=full, DOT_PRECISION="tf32", SCALE_FOLDED=score is None,
-              USE_TMA=a.tma)
+              USE_TMA=a.tma, POS_F32=bool(a.pos_f32))
     for i, name in enumerate(fn.arg_names):
         if name in cx:
             sig[name] = "constexpr"
