@@ -101,7 +101,8 @@ def main() -> None:
         print(f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
               f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
               f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
-              f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | " + " | ".join(regs))
+              f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
+              + " | ".join(regs))
 
 
 if __name__ == "__main__":
