@@ -9,7 +9,7 @@ One process, same inputs for every implementation; each config is checked agains
 
 Forward configs are ``BMxBNwWsS[,tma|,notma]`` (``,tma``/``,notma``: ``USE_TMA`` on/off);
 backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys; ``a1``/``a0``: ``DQ_ATOMIC``
-True/False; ``a0``/``a1`` alone keep the default tiles).  A trailing ``,gN`` (or ``gN`` alone)
+True/False; ``a0``/``a1`` alone keep the default tiles; ``,tma``/``,notma``: ``USE_TMA``).  A trailing ``,gN`` (or ``gN`` alone)
 sets ``HEAD_GROUP=N``, the program order.
 """
 
@@ -50,6 +50,10 @@ def _head_group(s: str) -> tuple[str, dict]:
 
 def parse_bwd(s: str) -> dict:
     s, group = _head_group(s)
+    for flag in ("tma", "notma"):  # USE_TMA on (also the dK/dV loop) / off
+        if s == flag or s.endswith("," + flag):
+            group["USE_TMA"] = flag == "tma"
+            s = s[: -len(flag)].rstrip(",")
     if s in ("a0", "a1"):  # only DQ_ATOMIC (and the group): default tiles
         return dict(DQ_ATOMIC=s == "a1", **group)
     if not s:

@@ -233,7 +233,7 @@ def variant_case(variant: Variant, shape: Shape, device) -> Case:
 
 def run_case(
     variant: Variant | Case, shape: Shape, dtype=torch.float32, return_lse=False, device="cpu",
-    **kw,
+    check_forward=False, **kw,
 ):  # fmt: skip
     case = variant if isinstance(variant, Case) else variant_case(variant, shape, device)
     (q, k, v), (rq, rk, rv) = _inputs(shape, dtype, kw.pop("transposed", False), device)
@@ -252,6 +252,14 @@ def run_case(
         rq, rk, rv, score_mod=case.ref_score, mask_mod=case.ref_mask, enable_gqa=gqa,
         return_lse=True, scale=kw.get("scale"),
     )  # fmt: skip
+    tol = TOL[dtype]
+    if check_forward:  # out (and lse) themselves, not only through the gradients
+        for name, a, b in [("out", out, want[0])] + ([("lse", lse, want[1])] if return_lse else []):
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite), f"{case.name}: {name} -inf rows differ"
+            err = (a.double() - b).abs()[finite].max().item() if finite.any() else 0.0
+            bound = tol * (1.0 + b[finite].abs().max().item()) if finite.any() else 0.0
+            assert err <= bound, f"{case.name} {name}: max err {err:.3g} > {bound:.3g}"
     g_out = torch.randn_like(want[0])
     g_lse = torch.randn_like(want[1]) if return_lse else None
     names = ["dq", "dk", "dv"] + [n for n, _, _ in case.learn]
@@ -264,7 +272,6 @@ def run_case(
         [rq, rk, rv] + [t for _, _, t in case.learn],
         allow_unused=True,
     )
-    tol = TOL[dtype]
     for name, a, b, leaf in zip(names, got, exp, [q, k, v] + [t for _, t, _ in case.learn]):
         a = torch.zeros_like(leaf) if a is None else a
         b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
@@ -281,6 +288,90 @@ def run_case(
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 def test_variant_grads(name):
     run_case(BY_NAME[name], Shape())
+
+
+# -- ALiBi-style position differences: POS_F32 (launch.positions_f32) ----------------------------
+# float(kv_idx - q_idx) is formed as float(kv_idx) - float(q_idx) when every position is < 2**24
+# (see _pos_sub_f32 in the forward template): exact, so the kernels must match the reference,
+# and the fast and the general branch must agree bit for bit.
+
+_SLOPES = torch.exp2(-torch.arange(1.0, 3.0))  # Hq = 2, exact in every dtype
+
+
+def _alibi_case(kind: str, learnable: bool) -> Case:
+    made = {}
+    for side, dtype in (("mine", torch.float32), ("ref", torch.float64)):
+        made[side] = _SLOPES.to(dtype).requires_grad_(learnable)
+    scores = {
+        "kv_minus_q": lambda t: lambda s, b, h, q, kv: s + t[h] * (kv - q),
+        "q_minus_kv": lambda t: lambda s, b, h, q, kv: s - t[h] * (q - kv),
+        # the int difference also used as an int (the select), the float one via POS_F32
+        "window": lambda t: lambda s, b, h, q, kv: torch.where(kv - q > -9, s + t[h] * (kv - q),
+                                                              s - 0.5 * (q - kv)),
+    }  # fmt: skip
+    causal = (lambda b, h, q, kv: q >= kv) if kind == "kv_minus_q" else None
+    learn = [("slopes", made["mine"], made["ref"])] if learnable else []
+    return Case(f"alibi_{kind}", scores[kind](made["mine"]), causal, scores[kind](made["ref"]),
+                causal, learn)  # fmt: skip
+
+
+_ALIBI_KINDS = [("kv_minus_q", True), ("q_minus_kv", False), ("window", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L", [17, 1])
+@pytest.mark.parametrize("kind, learnable", _ALIBI_KINDS, ids=[k for k, _ in _ALIBI_KINDS])
+def test_alibi_positions_match_reference(kind, learnable, L, dtype):
+    run_case(_alibi_case(kind, learnable), Shape(L=L, S=45), dtype, return_lse=True,
+             check_forward=True)  # fmt: skip
+
+
+def test_positions_f32_threshold():
+    from attnforge.runtime.launch import positions_f32
+
+    assert positions_f32(17, 45) and positions_f32(2**24, 2**24) and positions_f32(0, 0)
+    assert not positions_f32(2**24 + 1, 1) and not positions_f32(1, 2**24 + 1)
+
+
+def _alibi_results(kind: str, shape: Shape, dtype) -> list:
+    case = _alibi_case(kind, True)  # fresh closures: no per-call plan of another run is reused
+    torch.manual_seed(0)
+    (q, k, v), _ = _inputs(shape, dtype, False, "cpu")
+    bm = None
+    if case.mask is not None:
+        bm = af.create_block_mask(case.mask, shape.B, shape.Hq, shape.L, shape.S, device="cpu",
+                                  BLOCK_SIZE=shape.block)  # fmt: skip
+    out, lse = af.flex_attention(q, k, v, score_mod=case.score, block_mask=bm, return_lse=True)
+    g_out = torch.randn(out.shape, dtype=torch.float64)
+    g_lse = torch.randn(lse.shape, dtype=torch.float64)
+    learn = [t for _, t, _ in case.learn]
+    grads = torch.autograd.grad(_loss(out, lse, g_out, g_lse), [q, k, v, *learn])
+    return [out, lse, *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L", [17, 1])
+def test_alibi_general_branch_matches_fast_branch(monkeypatch, L, dtype):
+    """POS_F32 False (positions past 2**24; here forced by lowering the limit): the int
+    difference converted per score gives the same bits as the fast branch, and the reference."""
+    from attnforge.runtime import launch
+
+    shape = Shape(L=L, S=45)
+    seen = []
+    decide = launch.positions_f32
+    monkeypatch.setattr(launch, "positions_f32", lambda L, S: seen.append(decide(L, S)) or seen[-1])
+    fast = _alibi_results("window", shape, dtype)
+    assert seen and all(seen)  # forward and backward both asked
+    seen.clear()
+    monkeypatch.setattr(launch, "_POS_F32_LIMIT", 16)  # max(L, S) = 45 > 16
+    slow = _alibi_results("window", shape, dtype)
+    assert len(seen) >= 2 and not any(seen)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dslopes"], fast, slow):
+        assert torch.equal(a, b), f"{name}: POS_F32 branches differ"
+    monkeypatch.setattr(launch, "_POS_F32_LIMIT", 2**24)
+    run_case(_alibi_case("window", True), shape, dtype, return_lse=True, check_forward=True)
+    monkeypatch.setattr(launch, "_POS_F32_LIMIT", 16)
+    run_case(_alibi_case("window", True), shape, dtype, return_lse=True, check_forward=True)
 
 
 # -- the shared zoo (tests/zoo.py): every mod, with its float tables made learnable -------------
@@ -549,15 +640,22 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
     common = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=even, EVEN_KV=even,
                   HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32", TENSOR_GRADS=(1 << 8) - 1,
-                  HAS_DLSE=True, DQ_ATOMIC=i != 1)  # dQ by atomics in the dK/dV kernel
+                  HAS_DLSE=True, DQ_ATOMIC=i != 1,  # dQ by atomics in the dK/dV kernel
+                  POS_F32=True, USE_TMA=i == 0)  # descriptor loads in both loops
     tiles = {{"_attn_bwd_preprocess": dict(BLOCK_M=128), "_attn_bwd_dkdv": dict(BLOCK_M=32,
              BLOCK_N=128), "_attn_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32)}}
     for name, tile in tiles.items():
         fn = getattr(mod, name)
         const = {{**common, **tile}}
         sig, constexprs = {{}}, {{}}
+        rows = tile.get("BLOCK_M" if name == "_attn_bwd_dkdv" else "BLOCK_N")
         for j, a in enumerate(fn.arg_names):
-            if a in const:
+            if a.endswith("_DESC"):
+                if const["USE_TMA"]:
+                    sig[a] = f"tensordesc<{{dtype}}[1,1,{{rows}},{{pad(D)}}]>"
+                else:
+                    sig[a], constexprs[(j,)] = "constexpr", None
+            elif a in const:
                 sig[a], constexprs[(j,)] = "constexpr", const[a]
             else:
                 sig[a] = arg_type(a, dtype, slots)

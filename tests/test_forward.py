@@ -10,6 +10,7 @@ combinations are ``slow``; production shapes are ``gpu``.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -414,6 +415,31 @@ def test_meta_describes_the_abi():
     assert set(low.files) >= {"fwd.py", "ir.txt", "meta.json"}
 
 
+def _function(src: str, name: str) -> str:
+    start = src.index(f"def {name}(")
+    return src[start : src.index("\n\n\n", start)]
+
+
+def test_position_difference_converts_index_vectors_not_the_tile():
+    # float(kv_idx - q_idx) as the two index vectors converted and subtracted in fp32 (POS_F32:
+    # exact for positions < 2**24): BLOCK_M + BLOCK_N int->float conversions per tile, not one
+    # per score; either order, also where the int difference is used as an int too
+    def window_alibi(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx - kv_idx <= 40, score - SLOPES[h] * (q_idx - kv_idx), score)
+
+    for score, want in ((alibi, "(kv_idx, q_idx, POS_F32)"),
+                        (window_alibi, "(q_idx, kv_idx, POS_F32)")):  # fmt: skip
+        src = lower(as_mod(score, "score"), as_mod(sliding, "mask")).files["fwd.py"]
+        fn = _function(src, "score_mod")
+        assert fn.startswith("def score_mod(score, b, h, q_idx, kv_idx, POS_F32: tl.constexpr,")
+        assert f"_pos_sub_f32{want}" in fn
+        assert re.search(r"\bt\d+\.to\(tl\.float32\)", fn) is None, fn  # no tile conversion
+        assert "def _pos_sub_f32(a, b, POS_F32: tl.constexpr):" in src
+        assert "off_h, q_idx, kv_idx, POS_F32, T0, T0_size0" in src  # the call site passes it
+        # the mask needs no float: its int difference is left alone
+        assert "_pos_sub_f32" not in _function(src, "mask_mod")
+
+
 # -- argument checking ----------------------------------------------------------------------
 
 
@@ -529,7 +555,8 @@ def compile_fwd(i, score, mask, dtype, D, DV, even, tma=False):
     const = dict(HEAD_DIM=D, HEAD_DIM_V=DV, HEAD_DIM_PAD=pad(D), HEAD_DIM_V_PAD=pad(DV),
                  BLOCK_M=128, BLOCK_N=64, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128,
                  EVEN_KV=even, HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32",
-                 SCALE_FOLDED=low.score is None, USE_TMA=tma)
+                 SCALE_FOLDED=low.score is None, USE_TMA=tma,
+                 POS_F32=i != 7)  # case 7: alibi's exact-for-any-length branch
     desc = {{"Q_DESC": (128, pad(D)), "K_DESC": (64, pad(D)), "V_DESC": (64, pad(DV))}}
     slots = {{s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype])
               for s in low.slots}}

@@ -7,6 +7,7 @@ Every hole must be filled and every value used, so a template and its filler can
 Forward holes: ``key``, ``mods`` (``HAS_SCORE_MOD``/``HAS_MASK_MOD`` constexprs and the
 ``score_mod``/``mask_mod`` functions), ``param_args`` (all captured-value arguments, each with a
 trailing comma), ``score_params`` / ``mask_params`` (``", s0, T1, ..."`` for the call sites).
+Every mod function takes the ``POS_F32`` constexpr after ``kv_idx``; the call sites pass it.
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def _uses(root: Node, ops: set[Op]) -> bool:
 
 # the templates' prelude defines it: triton.jit when compiled, plain Python when interpreted
 _DECORATOR = "@_device_fn"
-_SCORE_ARGS = ["score", "b", "h", "q_idx", "kv_idx"]
-_MASK_ARGS = ["b", "h", "q_idx", "kv_idx"]
+# POS_F32 (positions < 2**24, set by the launcher) lets the renderer convert kv_idx - q_idx
+# per index vector instead of per score (render._is_pos_sub)
+POS_F32 = "POS_F32"
+_POS_ARG = f"{POS_F32}: tl.constexpr"
+_SCORE_ARGS = ["score", "b", "h", "q_idx", "kv_idx", _POS_ARG]
+_MASK_ARGS = ["b", "h", "q_idx", "kv_idx", _POS_ARG]
 
 
 def mod_functions(
@@ -126,12 +131,14 @@ def mod_functions(
     mask_args = _MASK_ARGS + [a for s in mask_slots for a in s.args]
     if score is not None:
         score_fn = render_function("score_mod", score_args, score, by_index(score_slots),
-                                   result=_score_result, decorator=_DECORATOR)  # fmt: skip
+                                   result=_score_result, decorator=_DECORATOR,
+                                   pos_f32=POS_F32)  # fmt: skip
     else:
         score_fn = _stub("score_mod", score_args, "score", "no score_mod")
     if mask is not None:
         mask_fn = render_function("mask_mod", mask_args, mask, by_index(mask_slots),
-                                  result=_mask_result, decorator=_DECORATOR)  # fmt: skip
+                                  result=_mask_result, decorator=_DECORATOR,
+                                  pos_f32=POS_F32)  # fmt: skip
     else:
         mask_fn = _stub("mask_mod", mask_args, "True", "no mask_mod: every block is FULL")
     return "\n\n\n".join(b.rstrip("\n") for b in (flags, score_fn, mask_fn))

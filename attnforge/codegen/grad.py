@@ -427,11 +427,12 @@ def _scatter_lines(load: Node, d_expr: str, idx_exprs: list[str], gs: GradSlot) 
 
 
 def _captured_grads_fn(sg: ScoreGrad | None, score_slots, gslots) -> str:
+    from .emit import _SCORE_ARGS, POS_F32
     from .render import render_body
 
     by_index = {s.index: s for s in score_slots}
     gs_of = {g.index: g for g in gslots}
-    args = ["dt", "score", "b", "h", "q_idx", "kv_idx"]
+    args = ["dt", *_SCORE_ARGS]
     args += [a for s in score_slots for a in s.args] + [a for g in gslots for a in g.args]
     args.append("TENSOR_GRADS: tl.constexpr")
     reads = [] if sg is None else [(ld, d) for ld, d in sg.d_loads if ld.src[0].arg[0] in gs_of]
@@ -440,7 +441,7 @@ def _captured_grads_fn(sg: ScoreGrad | None, score_slots, gslots) -> str:
             "captured_grads", args, ["# no captured float tensor: never called", "return"]
         )
     roots = [d for _, d in reads] + [i for ld, _ in reads for i in ld.src[1:]]
-    lines, exprs = render_body(roots, by_index)
+    lines, exprs = render_body(roots, by_index, pos_f32=POS_F32)
     d_exprs, idx_exprs = exprs[: len(reads)], iter(exprs[len(reads) :])
     body = list(lines)
     for (ld, _), d_expr in zip(reads, d_exprs):
@@ -454,18 +455,18 @@ def _captured_grads_fn(sg: ScoreGrad | None, score_slots, gslots) -> str:
 def grad_functions(score: Node | None, score_slots, gslots) -> str:
     """The generated derivative section of bwd.py: flags, score_mod_with_grad (the modified
     score and dT/dscore from one shared evaluation), captured_grads."""
-    from .emit import _score_result
+    from .emit import _SCORE_ARGS, POS_F32, _score_result
     from .render import render_body
 
     sg = score_grad(score) if score is not None else None
     has_score_grad = _nontrivial(sg)
     flags = f"HAS_SCORE_GRAD = tl.constexpr({has_score_grad})  # False: dT/dscore == 1"
-    args = ["score", "b", "h", "q_idx", "kv_idx"] + [a for s in score_slots for a in s.args]
+    args = _SCORE_ARGS + [a for s in score_slots for a in s.args]
     if sg is None:
         body = ["# never called (no score_mod)", "return score, 1.0"]
     else:
         roots = [score, sg.d_score] if has_score_grad else [score]
-        lines, exprs = render_body(roots, {s.index: s for s in score_slots})
+        lines, exprs = render_body(roots, {s.index: s for s in score_slots}, pos_f32=POS_F32)
         d_expr = exprs[1] if has_score_grad else "1.0"
         body = [*lines, f"return {_score_result(exprs[0], score)}, {d_expr}"]
     parts = (

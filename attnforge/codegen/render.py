@@ -10,15 +10,18 @@ Semantics are those of :mod:`attnforge.dsl.evaluate` (torch eager), in kernel pr
 * ``& | ^ ~`` are logical on bools and bitwise on ints;
 * bools promote to int32 in arithmetic (``True + True == 2``), ints to fp32 next to floats;
 * reads of captured tensors wrap negative indices (``t[-1]``) and are masked to the tensor's
-  bounds, so padded rows/columns (q_idx >= L, kv_idx >= S) never fault: they read 0.
+  bounds, so padded rows/columns (q_idx >= L, kv_idx >= S) never fault: they read 0;
+* ``kv_idx - q_idx`` (either order) promoted to float goes through the prelude's
+  ``_pos_sub_f32`` where the function has the ``POS_F32`` constexpr (positions < 2**24): the two
+  index vectors are converted instead of every score of the tile, with the same result.
 
 A rendered function looks like::
 
     @_device_fn
-    def score_mod(score, b, h, q_idx, kv_idx, T0, T0_size0, stride_t0_0):
+    def score_mod(score, b, h, q_idx, kv_idx, POS_F32: tl.constexpr, T0, T0_size0, stride_t0_0):
         t0 = tl.load(T0 + h * stride_t0_0, mask=h < T0_size0, other=0).to(tl.float32)
         t1 = q_idx - kv_idx
-        t2 = t0 * t1
+        t2 = t0 * _pos_sub_f32(q_idx, kv_idx, POS_F32)
         t3 = score + t2
         return t3
 
@@ -100,10 +103,17 @@ class ParamSlot:
 class _Ctx:
     """Names of the nodes rendered so far and the lines emitted, for one function body."""
 
-    def __init__(self, names: Mapping[Node, str], slots: Mapping[int, ParamSlot], prefix: str):
+    def __init__(
+        self,
+        names: Mapping[Node, str],
+        slots: Mapping[int, ParamSlot],
+        prefix: str,
+        pos_f32: str | None = None,
+    ):
         self.names: dict[int, str] = {id(n): s for n, s in names.items()}
         self.slots = slots
         self.prefix = prefix
+        self.pos_f32 = pos_f32  # name of the POS_F32 constexpr in scope, if any
         self.lines: list[str] = []
         self.nonneg: dict = {}
 
@@ -130,6 +140,11 @@ class _Ctx:
             return self.ref(n)
         if n.op is Op.CONST:
             return literal(float(n.arg))
+        if self.pos_f32 is not None and _is_pos_sub(n):
+            # [BLOCK_M, 1] and [1, BLOCK_N] conversions instead of one per score (int->float
+            # issues at the exp2 rate); the int node stays for any int use
+            a, b = n.src
+            return f"_pos_sub_f32({self.ref(a)}, {self.ref(b)}, {self.pos_f32})"
         return f"{self.ref(n)}.to({_F32})"
 
     def as_int(self, n: Node) -> str:
@@ -153,6 +168,11 @@ class _Ctx:
             return self.ref(n)
         dt = {DType.BOOL: "tl.int1", DType.INT: _I32, DType.FLOAT: _F32}[n.dtype]
         return f"tl.full([], {literal(n.arg)}, {dt})"
+
+
+def _is_pos_sub(n: Node) -> bool:
+    """``kv_idx - q_idx`` or ``q_idx - kv_idx``: a difference of the two position leaves."""
+    return n.op is Op.SUB and {a.op for a in n.src} == {Op.Q_IDX, Op.KV_IDX}
 
 
 Rule = Callable[[_Ctx, Node], str]
@@ -388,15 +408,17 @@ def render_body(
     slots: Mapping[int, ParamSlot],
     names: Mapping[Node, str] | None = None,
     prefix: str = "t",
+    pos_f32: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Lines computing every node reachable from ``roots`` and the expression for each root.
 
     ``slots`` maps a parameter index (``node.arg[0]`` of SCALAR/TENSOR leaves) to its kernel
-    slot; ``names`` may pre-name any node (leaves default to ``score b h q_idx kv_idx``).
+    slot; ``names`` may pre-name any node (leaves default to ``score b h q_idx kv_idx``);
+    ``pos_f32`` names the POS_F32 constexpr where the function has it (see ``_pos_sub_f32``).
     """
     roots = list(roots)
     given = {n: s for n, s in (names or {}).items()}
-    c = _Ctx(given, slots, prefix)
+    c = _Ctx(given, slots, prefix, pos_f32)
     for n in toposort(roots):
         if id(n) in c.names or n.op is Op.CONST:
             continue
@@ -426,10 +448,11 @@ def render_function(
     result: Callable[[str, Node], str] | None = None,
     doc: str | None = None,
     decorator: str = "@triton.jit",
+    pos_f32: str | None = None,
 ) -> str:
     """A device function ``name(*args)`` returning ``root`` (``result(expr, root)`` may wrap
-    the returned expression, e.g. to broadcast or cast it)."""
-    lines, (expr,) = render_body([root], slots)
+    the returned expression, e.g. to broadcast or cast it; ``pos_f32``: see render_body)."""
+    lines, (expr,) = render_body([root], slots, pos_f32=pos_f32)
     if result is not None:
         expr = result(expr, root)
     body = ([f'"""{doc}"""'] if doc else []) + lines + [f"return {expr}"]

@@ -29,6 +29,7 @@ __all__ = [
     "BwdConfig",
     "choose_bwd_config",
     "launch_bwd",
+    "positions_f32",
 ]
 
 # kernel_options keys attnforge honours -> what they set
@@ -374,7 +375,8 @@ def launch_fwd(
     )  # fmt: skip
     # sm_scale > 0: the softmax can take its max over raw q.k and fold the scale into exp2
     folded = call.scale > 0 and call.lowered.score is None
-    shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype, folded)
+    shape_key = (E, Ev, q_block, kv_block, S % kv_block == 0, has_full, q.dtype, folded,
+                 positions_f32(L, S))  # fmt: skip
 
     cfg = _fwd_effective_config(cfg, q, k, v)
 
@@ -685,9 +687,20 @@ def _too_big(kernel, first, last, fixed: frozenset, err: Exception) -> ValueErro
     )
 
 
+# Positions below this convert to fp32 exactly (24-bit significand), so float(kv - q) ==
+# float(kv) - float(q) bit for bit: the kernels' POS_F32 constexpr
+_POS_F32_LIMIT = 2**24
+
+
+def positions_f32(L: int, S: int) -> bool:
+    """POS_F32: every position (< L or < S) is exact in fp32, so generated mods may convert
+    the index vectors and subtract in fp32 instead of converting each score's difference."""
+    return max(L, S) <= _POS_F32_LIMIT
+
+
 @functools.lru_cache(maxsize=256)
 def _fwd_constexprs(
-    cfg: FwdConfig, E, Ev, q_block, kv_block, even_kv, has_full, dtype, folded
+    cfg: FwdConfig, E, Ev, q_block, kv_block, even_kv, has_full, dtype, folded, pos_f32
 ) -> dict:
     """The forward's constexpr and launch keywords (memoised: host overhead)."""
     return dict(
@@ -696,7 +709,7 @@ def _fwd_constexprs(
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
         EVEN_KV=even_kv, HAS_FULL_BLOCKS=has_full,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", SCALE_FOLDED=folded,
-        USE_TMA=cfg.USE_TMA,
+        USE_TMA=cfg.USE_TMA, POS_F32=pos_f32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -838,11 +851,12 @@ def launch_bwd(
     q_block, kv_block = bm.BLOCK_SIZE
     params = _param_args(call.lowered, call.scalars, tensors)
     even = (L % q_block == 0, S % kv_block == 0)
-    shape_key = (E, Ev, q_block, kv_block, *even, q.dtype)
+    pos_f32 = positions_f32(L, S)
+    shape_key = (E, Ev, q_block, kv_block, *even, q.dtype, pos_f32)
     consts = dict(
         HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block, EVEN_Q=even[0], EVEN_KV=even[1],
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POS_F32=pos_f32,
     )  # fmt: skip
     kz = 0 if Bkv == 1 else k.stride(0)
     vz = 0 if Bkv == 1 else v.stride(0)

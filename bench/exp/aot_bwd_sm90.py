@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
     ap.add_argument("--tma", action="store_true", help="USE_TMA: descriptor loads in the loops")
+    ap.add_argument("--pos-f32", type=int, default=1,
+                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
     a = ap.parse_args()
     parts = a.cfg.split(",")
     m1, n1, m2, n2 = map(int, parts[:4])
@@ -68,7 +70,7 @@ def main() -> None:
     common = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D,
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=True, EVEN_KV=True,
                   HAS_FULL_BLOCKS=mask is not None, DOT_PRECISION="tf32", TENSOR_GRADS=0,
-                  HAS_DLSE=False, DQ_ATOMIC=atomic, USE_TMA=a.tma)
+                  HAS_DLSE=False, DQ_ATOMIC=atomic, USE_TMA=a.tma, POS_F32=bool(a.pos_f32))
     for e in a.extra:
         k_, v_ = e.split("=")
         common[k_] = int(v_)
@@ -106,7 +108,8 @@ def main() -> None:
         print(f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
               f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
               f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
-              f"cp.async={ptx.count('cp.async.cg')} | " + " | ".join(regs))
+              f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
+              + " | ".join(regs))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,19 @@ import argparse
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import attnforge as af  # noqa: E402
+from attnforge.codegen import lower  # noqa: E402
+from attnforge.dsl.api import as_mod  # noqa: E402
 
 MODS = {
     "noop": (None, None),
@@ -33,18 +36,30 @@ MODS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", default="causal", choices=sorted(MODS))
+    ap.add_argument("--variant", default="causal", help=f"{sorted(MODS)} or a bench variant")
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--cfg", default="128x128w8s3")
     ap.add_argument("--tma", action="store_true")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--full", type=int, default=None, help="HAS_FULL_BLOCKS (default: masked)")
+    ap.add_argument("--pos-f32", type=int, default=1,
+                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
     a = ap.parse_args()
     bm, bn, w, st = map(int, re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", a.cfg).groups())
-    score, mask = MODS[a.variant]
-    var = af.variant(score_mod=score, mask_mod=mask)
-    src = var.source("fwd")
-    path = Path("/tmp/aot_fwd_kernel.py")
+    if a.variant in MODS:
+        score, mask = MODS[a.variant]
+    else:  # bench_attention's variants (alibi, document, ...): captured tensors live on the CPU
+        import bench_attention as ba
+
+        score, mask, _ = ba.make_variant(a.variant, 16, 8192, "cpu")
+    low = lower(as_mod(score, "score"), as_mod(mask, "mask"))
+    ptr_t = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
+    scalar_t = {"float": "fp32", "int": "i32", "bool": "i1"}
+    slot_types = {s.name: ptr_t[s.dtype] if s.kind == "tensor" else scalar_t[s.dtype]
+                  for s in low.slots}
+    src = low.files["fwd.py"]
+    tmp = Path(tempfile.mkdtemp(prefix="aotfwd"))
+    path = tmp / "aot_fwd_kernel.py"
     path.write_text(src)
     import importlib.util
 
@@ -61,7 +76,7 @@ def main() -> None:
     cx = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D, BLOCK_M=bm,
               BLOCK_N=bn, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=True,
               HAS_FULL_BLOCKS=full, DOT_PRECISION="tf32", SCALE_FOLDED=score is None,
-              USE_TMA=a.tma)
+              USE_TMA=a.tma, POS_F32=bool(a.pos_f32))
     for i, name in enumerate(fn.arg_names):
         if name in cx:
             sig[name] = "constexpr"
@@ -76,6 +91,8 @@ def main() -> None:
             sig[name] = "*fp32" if name == "LSE" else "*i32" if "NUM" in name or "IDX" in name \
                 else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in slot_types:
+            sig[name] = slot_types[name]
         elif name == "sm_scale":
             sig[name] = "fp32"
         elif name.endswith("k") and name.startswith("stride_") or name in (
@@ -95,10 +112,11 @@ def main() -> None:
     print(f"{a.variant} D={D} {a.cfg} tma={a.tma}: warps={c.metadata.num_warps} "
           f"shared={c.metadata.shared} setmaxnreg={ptx.count('setmaxnreg')} "
           f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
-          f"cp.async={ptx.count('cp.async.cg')}")
+          f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')}")
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    Path("/tmp/aot.ptx").write_text(ptx)
-    r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", "/tmp/aot.ptx", "-o", "/tmp/aot.cubin"],
+    (tmp / "aot.ptx").write_text(ptx)
+    r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(tmp / "aot.ptx"), "-o",
+                        str(tmp / "aot.cubin")],
                        capture_output=True, text=True)
     for line in r.stderr.splitlines():
         if "registers" in line or "spill" in line:

@@ -38,10 +38,13 @@
 #                     s = score_mod(qk * sm_scale) and c = log2(e).  Masked entries are -inf
 #   SCALE_FOLDED      constexpr: no score_mod and sm_scale > 0 (a max of raw scores is then the
 #                     max of scaled ones); otherwise s = qk * sm_scale
+#   POS_F32           constexpr: max(Q_LEN, KV_LEN) <= 2**24, so positions convert to fp32
+#                     exactly and the mods may form float(kv_idx - q_idx) from the converted
+#                     index vectors (_pos_sub_f32)
 #   m_i, l_i, acc     running row max of s, running row sum of exp2((s - m_i) * c), output
 #                     accumulator; all fp32
-#   score_mod         generated: (score, b, h, q_idx, kv_idx, params) -> modified score
-#   mask_mod          generated: (b, h, q_idx, kv_idx, params) -> keep?
+#   score_mod         generated: (score, b, h, q_idx, kv_idx, POS_F32, params) -> modified score
+#   mask_mod          generated: (b, h, q_idx, kv_idx, POS_F32, params) -> keep?
 #   s<i>              captured scalar parameter in slot i (a runtime argument, never constexpr)
 #   T<i>              captured tensor in slot i, with T<i>_size<d> and stride_t<i>_<d>
 #   q_idx, kv_idx     absolute query row [BLOCK_M, 1] and key column [1, BLOCK_N] (int32)
@@ -101,6 +104,17 @@ def _floordiv_pos(a, b):
 def _mod_pos(a, b):
     r = a % b
     return tl.where(r < 0, r + b, r)
+
+
+@_device_fn
+def _pos_sub_f32(a, b, POS_F32: tl.constexpr):
+    # float(a - b) for two positions (q_idx [M, 1], kv_idx [1, N] or transposed).  POS_F32
+    # (positions < 2**24): both conversions and the difference are exact, so two vector
+    # conversions replace one per score of the tile (int->float runs at the exp2 rate)
+    if POS_F32:
+        return a.to(tl.float32) - b.to(tl.float32)
+    else:
+        return (a - b).to(tl.float32)
 
 
 @_device_fn
@@ -211,16 +225,16 @@ HAS_MASK_MOD = tl.constexpr(True)
 
 
 @_device_fn
-def score_mod(score, b, h, q_idx, kv_idx, T0, T0_size0, stride_t0_0):
+def score_mod(score, b, h, q_idx, kv_idx, POS_F32: tl.constexpr, T0, T0_size0, stride_t0_0):
     t0 = tl.load(T0 + h * stride_t0_0, mask=h < T0_size0, other=0).to(tl.float32)
     t1 = kv_idx - q_idx
-    t2 = t0 * t1.to(tl.float32)
+    t2 = t0 * _pos_sub_f32(kv_idx, q_idx, POS_F32)
     t3 = t2 + score
     return t3
 
 
 @_device_fn
-def mask_mod(b, h, q_idx, kv_idx):
+def mask_mod(b, h, q_idx, kv_idx, POS_F32: tl.constexpr):
     t0 = kv_idx <= q_idx
     return t0
 
@@ -240,7 +254,7 @@ def _attn_fwd_inner(
     HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
     EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_FOLDED: tl.constexpr,
-    USE_TMA: tl.constexpr, IS_FULL_BLOCKS: tl.constexpr,
+    USE_TMA: tl.constexpr, POS_F32: tl.constexpr, IS_FULL_BLOCKS: tl.constexpr,
 ):
     # Visit the kv blocks listed at BLK_IDX[0 : num_blocks], BLOCK_N columns at a time.
     # IS_FULL_BLOCKS: every (row, col) of these blocks is kept, so mask_mod is compiled out.
@@ -267,14 +281,14 @@ def _attn_fwd_inner(
         qk = tl.dot(_mma_in(q), _mma_in(k), input_precision=DOT_PRECISION)
         # -- scores s (see the legend: raw q.k when the scale is folded into exp2's FMA) --
         if HAS_SCORE_MOD:
-            s = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx, T0, T0_size0, stride_t0_0)
+            s = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx, POS_F32, T0, T0_size0, stride_t0_0)
         elif SCALE_FOLDED:
             s = qk
         else:
             s = qk * sm_scale
         # -- mask: mask_mod in PARTIAL blocks, key bounds in the tail --
         if HAS_MASK_MOD and not IS_FULL_BLOCKS:
-            keep = mask_mod(off_z, off_h, q_idx, kv_idx)
+            keep = mask_mod(off_z, off_h, q_idx, kv_idx, POS_F32)
             s = tl.where(keep, s, float("-inf"))
         if not EVEN_KV:
             s = tl.where(kv_idx < KV_LEN, s, float("-inf"))
@@ -323,7 +337,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_Q_BLOCK: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
     EVEN_KV: tl.constexpr, HAS_FULL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCALE_FOLDED: tl.constexpr, USE_TMA: tl.constexpr,
+    SCALE_FOLDED: tl.constexpr, USE_TMA: tl.constexpr, POS_F32: tl.constexpr,
 ):
     # -- program -> (query tile, batch, head) --
     # heaviest query tiles first (rank 0 = the last tile: under a causal mask it visits the
@@ -368,7 +382,7 @@ def _attn_fwd(
         off_z, off_h, offs_m, KV_LEN, sm_scale, c,
         T0, T0_size0, stride_t0_0,
         HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-        EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, IS_FULL_BLOCKS=False,
+        EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=False,
     )
     # -- FULL blocks: mask code compiled out --
     if HAS_FULL_BLOCKS:
@@ -383,7 +397,7 @@ def _attn_fwd(
             off_z, off_h, offs_m, KV_LEN, sm_scale, c,
             T0, T0_size0, stride_t0_0,
             HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
-            EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, IS_FULL_BLOCKS=True,
+            EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=True,
         )
     # -- epilogue: normalise; a row that kept no key gets out = 0 and lse = -inf (no NaN) --
     row_empty = l_i == 0.0
