@@ -364,7 +364,10 @@ def merge(paths: list[str], outdir: Path) -> None:
             sys.exit(f"cannot merge runs from different environments: {run['env']}")
         cmd = run["command"]
         data["command"] += cmd if isinstance(cmd, list) else [cmd]
-        data["rows"] += run["rows"]
+        # a later run's row replaces an earlier one of the same case (a re-measured variant)
+        case = lambda r: tuple(r[k] for k in ("variant", "B", "H", "S", "D", "impl"))  # noqa: E731
+        again = {case(r) for r in run["rows"]}
+        data["rows"] = [r for r in data["rows"] if case(r) not in again] + run["rows"]
         data["compile"] = run["compile"] or data["compile"]
     name = Path(paths[0]).stem
     outdir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +390,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--merge", nargs="*", default=[],
                     help="only merge earlier JSON results (e.g. the D=128 and D=64 runs of one "
-                    "session, each within one device call) into one JSON + table")  # fmt: skip
+                    "session, each within one device call) into one JSON + table; a later "
+                    "file's rows replace an earlier file's rows of the same case")  # fmt: skip
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out))

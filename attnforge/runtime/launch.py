@@ -118,7 +118,11 @@ def _default_fwd(device: torch.device, dtype: torch.dtype, head_dim_pad: int) ->
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
     """sm_90+ and a Triton with host tensor descriptors."""
-    return _descriptor_class() is not None and torch.cuda.get_device_capability(device)[0] >= 9
+    return (
+        _descriptor_class() is not None
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 @functools.cache
@@ -191,11 +195,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def head_group(options: dict, n_tiles: int, n_heads: int, stream_bytes: int, device) -> int:
+def head_group(call: KernelCall, n_tiles: int, n_heads: int, stream_bytes: int, device) -> int:
     """Heads per group of the program order (``kernel_options["HEAD_GROUP"]`` if given);
-    ``stream_bytes``: what one head's programs stream (K and V in the forward)."""
-    if "HEAD_GROUP" in options:
-        return options["HEAD_GROUP"]
+    ``stream_bytes``: what one head's programs stream (K and V in the forward).  Without a mask
+    every tile has the same work: no tail to shorten, so one head per group (fewest heads'
+    K/V in L2 at a time)."""
+    if "HEAD_GROUP" in call.options:
+        return call.options["HEAD_GROUP"]
+    if call.block_mask._all_full:
+        return 1
     want = -(-2 * _sm_count(device) // max(n_tiles, 1))
     cap = max(2, _L2_BUDGET // max(stream_bytes, 1))
     return max(1, min(want, cap, n_heads))
@@ -369,7 +377,7 @@ def launch_fwd(
         *out.stride(),
         *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
-        head_group(call.options, triton_cdiv(L, cfg.BLOCK_M), B * Hq,
+        head_group(call, triton_cdiv(L, cfg.BLOCK_M), B * Hq,
                    S * (E + Ev) * q.element_size() // call.gqa_group, q.device),
         *(params := _param_args(call.lowered, call.scalars, tensors)),
     )  # fmt: skip
@@ -903,7 +911,7 @@ def launch_bwd(
         *dk.stride(), *dv.stride(), *dq_acc.stride(),
         *q_strides,
         Hq, Hkv, call.gqa_group, z_per_kv, L, S, call.scale,
-        head_group(call.options, triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv,
+        head_group(call, triton_cdiv(S, cfg.BLOCK_N1), Bkv * Hkv,
                    z_per_kv * call.gqa_group * L * (E + Ev) * q.element_size(), dev),
         *params,
     )  # fmt: skip
@@ -929,7 +937,7 @@ def launch_bwd(
         *dq.stride(), *(dl.stride() if has_dlse else (0, 0, 0)),
         *kv_strides,
         Hq, call.gqa_group, L, S, call.scale,
-        head_group(call.options, triton_cdiv(L, cfg.BLOCK_M2), B * Hq,
+        head_group(call, triton_cdiv(L, cfg.BLOCK_M2), B * Hq,
                    S * (E + Ev) * q.element_size() // call.gqa_group, dev),
         *params, *grad_args,
     )  # fmt: skip
