@@ -123,6 +123,14 @@ _declare(
     "calling triton.compile in a new process; 0 uses Triton's launch and compile path",
 )
 _declare(
+    "ATTNFORGE_AUTOTUNE",
+    "bool",
+    False,
+    "compiled CUDA kernels: time a few tile configs at the first launch of each kernel and shape "
+    "class and keep the fastest, cached as tune-<GPU>.json in the kernel's cache entry (read, "
+    "not retimed, by later processes); 0 uses the heuristic configs",
+)
+_declare(
     "ATTNFORGE_INTERPRET",
     "bool",
     False,

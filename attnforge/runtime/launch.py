@@ -12,10 +12,12 @@ import functools
 import math
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from triton.runtime.errors import OutOfResources
+
+from . import autotune
 
 __all__ = [
     "FwdConfig",
@@ -393,7 +395,10 @@ def launch_fwd(
             *_fwd_head(head, cfg), *args, **_fwd_constexprs(cfg, *shape_key)
         )
 
-    ran = launch_shrinking(kernel, cfg, shape_key, call.options, _FWD_SHRINK, run)
+    start = cfg
+    if autotune.active(q):  # the first launch of this shape class only: the plan keeps `ran`
+        start = autotune.tune_fwd(call, q, k, cfg, shape_key, run)
+    ran = launch_shrinking(kernel, start, shape_key, call.options, _FWD_SHRINK, run)
     if memo is not None:
         grid = (triton_cdiv(L, ran.BLOCK_M) * B * Hq,)
         kw = _fwd_constexprs(ran, *shape_key)
@@ -836,8 +841,8 @@ def launch_bwd(
     ahead = None if dry else _INFLIGHT.pop(id(call.modules.get("bwd")), None)
     if ahead is not None:
         ahead.join()  # its compiles fill the kernels' caches: nothing is compiled twice
-    B, Hq, L, E = q.shape
-    Bkv, Hkv, S, Ev = v.shape
+    B, Hq, L, _ = q.shape
+    S = v.shape[2]
     dev = q.device
     # Gradients laid out like out / lse (autograd hands out.sum()'s as a stride-0 expand): one
     # kernel specialisation whatever the loss, the one compile_backward_ahead predicted
@@ -855,9 +860,58 @@ def launch_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_(), _cast_grads(buffers, tensors)
     cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options,
                             call.lowered.has_score_grad)
+    params = _param_args(call.lowered, call.scalars, tensors)
+    grads = _BwdGrads(d_out, d_lse, params, grad_args, bits, need_dq)
+    if not dry and bits == 0 and autotune.active(q):  # no atomics into captured-tensor grads
+        cfg = _tune_bwd(call, q, k, v, out, lse, grads, cfg)
+    _bwd_kernels(call, q, k, v, out, lse, grads, (dq, dk, dv), cfg, dry=dry)
+    if dry:
+        return None
+    return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)
+
+
+class _BwdGrads(NamedTuple):
+    """What a backward launch takes besides q, k, v, out, lse and the config."""
+
+    d_out: torch.Tensor
+    d_lse: torch.Tensor | None
+    params: list  # the captured values' kernel arguments
+    grad_args: list  # captured-tensor gradient buffers (or dummies), see _grad_buffers
+    bits: int  # TENSOR_GRADS
+    need_dq: bool
+
+
+def _tune_bwd(call: KernelCall, q, k, v, out, lse, grads: _BwdGrads, cfg: BwdConfig) -> BwdConfig:
+    """The autotuned backward config: candidates run whole backwards (dQ's kernel writes delta
+    before dK/dV reads it, dq_acc zeroed each time) on scratch dq, dk, dv."""
+    L, E = q.shape[2:]
+    S, Ev = v.shape[2:]
+    q_block, kv_block = call.block_mask.BLOCK_SIZE
+    has_full = _block_args(call.block_mask, kv_block_lists)[2]
+    shape = (E, Ev, q_block, kv_block, L % q_block == 0, S % kv_block == 0, q.dtype,
+             positions_f32(L, S), has_full, grads.d_lse is not None)  # fmt: skip
+    scratch = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+
+    def run(c: BwdConfig) -> None:
+        _bwd_kernels(call, q, k, v, out, lse, grads, scratch, c, tuning=True)
+
+    return autotune.tune_bwd(call, q, k, cfg, shape, grads.need_dq, run)
+
+
+def _bwd_kernels(
+    call: KernelCall, q, k, v, out, lse, grads: _BwdGrads, outs: tuple, cfg: BwdConfig, *,
+    dry: bool = False, tuning: bool = False,
+) -> None:  # fmt: skip
+    """Every backward kernel for ``cfg``, writing ``outs = (dq, dk, dv)``.  ``dry``: only
+    compile (:func:`compile_backward_ahead`); ``tuning``: no shrinking (a config that does not
+    fit raises) and no parallel precompile."""
+    d_out, d_lse, params, grad_args, bits, need_dq = grads
+    dq, dk, dv = outs
+    B, Hq, L, E = q.shape
+    Bkv, Hkv, S, Ev = v.shape
+    dev = q.device
     bm, mod = call.block_mask, call.modules["bwd"]
     q_block, kv_block = bm.BLOCK_SIZE
-    params = _param_args(call.lowered, call.scalars, tensors)
     even = (L % q_block == 0, S % kv_block == 0)
     pos_f32 = positions_f32(L, S)
     shape_key = (E, Ev, q_block, kv_block, *even, q.dtype, pos_f32)
@@ -953,9 +1007,10 @@ def launch_bwd(
     jobs = [(dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK))] if run_dq_kernel else [
         (mod._attn_bwd_preprocess, pre_args, pre_consts, None)]  # fmt: skip
     jobs.append((dkdv, dkdv_args, dkdv_kw, (cfg, dkdv_key, _DKDV_SHRINK)))
-    precompile(call.options, jobs)
+    if not tuning:
+        precompile(call.options, jobs)
     if dry:
-        return None
+        return
 
     def run_dq(c: BwdConfig) -> None:
         dq_kernel[(triton_cdiv(L, c.BLOCK_M2) * B * Hq,)](*dq_args(c), **dq_kw(c))
@@ -963,14 +1018,19 @@ def launch_bwd(
     def run_dkdv(c: BwdConfig) -> None:
         dkdv[(triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)](*dkdv_args(c), **dkdv_kw(c))
 
+    def launch(kernel, key: tuple, plan: tuple, run) -> None:
+        if tuning:
+            run(cfg)
+        else:
+            launch_shrinking(kernel, cfg, key, call.options, plan, run)
+
     if run_dq_kernel:
-        launch_shrinking(dq_kernel, cfg, dq_key, call.options, _DQ_SHRINK, run_dq)
+        launch(dq_kernel, dq_key, _DQ_SHRINK, run_dq)
     else:
         mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
-    launch_shrinking(dkdv, cfg, dkdv_key, call.options, _DKDV_SHRINK, run_dkdv)
+    launch(dkdv, dkdv_key, _DKDV_SHRINK, run_dkdv)
     if dq_in_dkdv:
         dq.copy_(dq_acc)
-    return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)
 
 
 def _tma_on(tma: bool, rows: int) -> bool:
