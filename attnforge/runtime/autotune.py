@@ -48,8 +48,13 @@ def active(q: torch.Tensor) -> bool:
 
 
 def device_ok(q: torch.Tensor) -> bool:
-    """Timings mean something only for compiled kernels on a GPU, never the interpreter."""
-    return q.is_cuda and not loader.is_interpreted(loader.device_kind(q.device))
+    """Timings mean something only for compiled kernels on a GPU, never the interpreter; and
+    none while a CUDA graph is being captured (timing synchronises)."""
+    return (
+        q.is_cuda
+        and not loader.is_interpreted(loader.device_kind(q.device))
+        and not torch.cuda.is_current_stream_capturing()
+    )
 
 
 def bench(fn: Callable[[], None], cfg: Any) -> float:
