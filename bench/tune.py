@@ -9,8 +9,8 @@ One process, same inputs for every implementation; each config is checked agains
 
 Forward configs are ``BMxBNwWsS[,tma|,notma]`` (``,tma``/``,notma``: ``USE_TMA`` on/off);
 backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys; ``a1``/``a0``: ``DQ_ATOMIC``
-True/False; ``a0``/``a1`` alone keep the default tiles; ``,tma``/``,notma``: ``USE_TMA``).  A trailing ``,gN`` (or ``gN`` alone)
-sets ``HEAD_GROUP=N``, the program order.
+True/False; ``a0``/``a1`` alone keep the default tiles; ``,tma``/``,notma``: ``USE_TMA``).
+A trailing ``,gN`` (or ``gN`` alone) sets ``HEAD_GROUP=N``, the program order.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def parse_fwd(s: str) -> dict:
     s, group = _head_group(s)
     m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)((?:,tma|,notma)?)", s)
     if not m:
-        raise SystemExit(f"bad forward config {s!r}: want BMxBNwWsS[,tma|,notma][,gN], "
-                         "e.g. 128x64w8s3 or 128x128w8s3,tma")
+        raise SystemExit(
+            f"bad forward config {s!r}: want BMxBNwWsS[,tma|,notma][,gN], "
+            "e.g. 128x64w8s3 or 128x128w8s3,tma"
+        )
     bm, bn, w, st = map(int, m.groups()[:4])
     opts = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, **group)
     flags = m.group(5).split(",")
@@ -62,8 +64,9 @@ def parse_bwd(s: str) -> dict:
     if not m:
         raise SystemExit(f"bad backward config {s!r}: want M1,N1,M2,N2,wWsS[,a0|a1][,gN]")
     m1, n1, m2, n2, w, st = map(int, m.groups()[:6])
-    opts = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st,
-                **group)
+    opts = dict(
+        BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st, **group
+    )
     if m.group(7) is not None:  # a1: dQ by atomics in the dK/dV kernel, a0: its own kernel
         opts["DQ_ATOMIC"] = m.group(7) == "1"
     return opts
@@ -91,8 +94,10 @@ def run_case(args, D, var, flex_c, table):
     torch.manual_seed(0)
     Hkv = 4 if var == "gqa_causal" else H
     q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
+    k, v = (
+        torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
     do = torch.randn_like(q)
     score_mod, mask_mod, sdpa_kw = make_variant(var, H, S, dev)
     bm = af.create_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
@@ -134,18 +139,20 @@ def run_case(args, D, var, flex_c, table):
         def cudnn(q_, k_, v_):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(
-                    q_, k_, v_, enable_gqa=Hkv != H, **sdpa_kw)
+                    q_, k_, v_, enable_gqa=Hkv != H, **sdpa_kw
+                )
 
         timed("cudnn", cudnn, bool(args.bwd))
 
     def af_with(opts):
         return lambda q_, k_, v_: af.flex_attention(
-            q_, k_, v_, score_mod=score_mod, block_mask=bm, kernel_options=opts,
-            enable_gqa=Hkv != H)
+            q_, k_, v_, score_mod=score_mod, block_mask=bm, kernel_options=opts, enable_gqa=Hkv != H
+        )
 
     for fc in args.fwd:
-        af_fwd = af_with((parse_fwd(fc) if not fc.startswith("g") else _head_group(fc)[1])
-                         if fc else None)
+        af_fwd = af_with(
+            (parse_fwd(fc) if not fc.startswith("g") else _head_group(fc)[1]) if fc else None
+        )
         try:
             with torch.no_grad():
                 err = (af_fwd(q, k, v).float() - ref.float()).abs().max().item()

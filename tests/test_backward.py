@@ -456,10 +456,22 @@ def test_program_order_head_groups(group, atomic):
     """Any HEAD_GROUP (heads per group of the 1-D program order, the last group smaller when it
     does not divide the heads) computes every (tile, head) exactly once: 5 query heads over 5
     kv heads (B=5, H=1) and 3 x 2 GQA, several tiles per head, causal."""
-    opts = {"HEAD_GROUP": group, "DQ_ATOMIC": atomic, "BLOCK_M1": 16, "BLOCK_N1": 16,
-            "BLOCK_M2": 16, "BLOCK_N2": 16, "BLOCK_M": 16, "BLOCK_N": 16}
-    run_case(BY_NAME["causal_offset_masked_rows"], Shape(B=5, Hq=1, Hkv=1, L=50, S=47),
-             kernel_options=opts, return_lse=True)
+    opts = {
+        "HEAD_GROUP": group,
+        "DQ_ATOMIC": atomic,
+        "BLOCK_M1": 16,
+        "BLOCK_N1": 16,
+        "BLOCK_M2": 16,
+        "BLOCK_N2": 16,
+        "BLOCK_M": 16,
+        "BLOCK_N": 16,
+    }
+    run_case(
+        BY_NAME["causal_offset_masked_rows"],
+        Shape(B=5, Hq=1, Hkv=1, L=50, S=47),
+        kernel_options=opts,
+        return_lse=True,
+    )
     run_case(BY_NAME["rel_bias_causal"], Shape(B=3, Hq=4, Hkv=2, L=33, S=40), kernel_options=opts)
 
 
@@ -832,8 +844,10 @@ def test_backward_tma_loads(name, atomic, monkeypatch):
     # bit-equal to the pointer-load kernels: the same tiles reach the same dots
     case = variant_case(variant, shape, "cpu")
     (q, k, v), _ = _inputs(shape, torch.bfloat16, False, "cpu")
-    bm = af.create_block_mask(case.mask, shape.B, shape.Hq, shape.L, shape.S, device="cpu",
-                              BLOCK_SIZE=shape.block) if case.mask is not None else None  # fmt: skip
+    bm = None
+    if case.mask is not None:
+        bm = af.create_block_mask(case.mask, shape.B, shape.Hq, shape.L, shape.S, device="cpu",
+                                  BLOCK_SIZE=shape.block)  # fmt: skip
     grads = []
     for tma in (True, False):
         out = af.flex_attention(q, k, v, score_mod=case.score, block_mask=bm,

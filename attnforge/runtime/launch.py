@@ -771,7 +771,10 @@ def _default_bwd(
 
 
 def choose_bwd_config(
-    q: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], options: dict,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    block_size: tuple[int, int],
+    options: dict,
     costly_score: bool = False,
 ) -> BwdConfig:
     """Backward tiles for the device/dtype/head dim, overridden by ``kernel_options``
@@ -858,8 +861,9 @@ def launch_bwd(
     buffers, grad_args, bits = _grad_buffers(call, tensors, needs, dev)
     if L == 0 or S == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), _cast_grads(buffers, tensors)
-    cfg = choose_bwd_config(q, v, call.block_mask.BLOCK_SIZE, call.options,
-                            call.lowered.has_score_grad)
+    cfg = choose_bwd_config(
+        q, v, call.block_mask.BLOCK_SIZE, call.options, call.lowered.has_score_grad
+    )
     params = _param_args(call.lowered, call.scalars, tensors)
     grads = _BwdGrads(d_out, d_lse, params, grad_args, bits, need_dq)
     if not dry and bits == 0 and autotune.active(q):  # no atomics into captured-tensor grads

@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -53,8 +52,12 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
     ap.add_argument("--tma", action="store_true", help="USE_TMA: descriptor loads in the loops")
-    ap.add_argument("--pos-f32", type=int, default=1,
-                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
+    ap.add_argument(
+        "--pos-f32",
+        type=int,
+        default=1,
+        help="POS_F32 (0: the exact-for-any-length int subtraction)",
+    )
     a = ap.parse_args()
     parts = a.cfg.split(",")
     m1, n1, m2, n2 = map(int, parts[:4])
@@ -67,15 +70,30 @@ def main() -> None:
     mod = loader.load_module(path, "aot_bwd", interpret=False)
     slots = {s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype]) for s in low.slots}
     D = a.D
-    common = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D,
-                  SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=True, EVEN_KV=True,
-                  HAS_FULL_BLOCKS=mask is not None, DOT_PRECISION="tf32", TENSOR_GRADS=0,
-                  HAS_DLSE=False, DQ_ATOMIC=atomic, USE_TMA=a.tma, POS_F32=bool(a.pos_f32))
+    common = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=D,
+        HEAD_DIM_PAD=D,
+        HEAD_DIM_V_PAD=D,
+        SPARSE_Q_BLOCK=128,
+        SPARSE_KV_BLOCK=128,
+        EVEN_Q=True,
+        EVEN_KV=True,
+        HAS_FULL_BLOCKS=mask is not None,
+        DOT_PRECISION="tf32",
+        TENSOR_GRADS=0,
+        HAS_DLSE=False,
+        DQ_ATOMIC=atomic,
+        USE_TMA=a.tma,
+        POS_F32=bool(a.pos_f32),
+    )
     for e in a.extra:
         k_, v_ = e.split("=")
         common[k_] = int(v_)
-    tiles = {"_attn_bwd_dkdv": dict(BLOCK_M=m1, BLOCK_N=n1),
-             "_attn_bwd_dq": dict(BLOCK_M=m2, BLOCK_N=n2)}
+    tiles = {
+        "_attn_bwd_dkdv": dict(BLOCK_M=m1, BLOCK_N=n1),
+        "_attn_bwd_dq": dict(BLOCK_M=m2, BLOCK_N=n2),
+    }
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     for name in a.kernels:
         fn = getattr(mod, name)
@@ -90,26 +108,34 @@ def main() -> None:
                     sig[arg], constexprs[(j,)] = "constexpr", None
             elif arg in const:
                 sig[arg], constexprs[(j,)] = "constexpr", const[arg]
-            elif arg.startswith("stride_") and arg.endswith(("k", "n", "m")) and arg[-2] in "oqkvdhaibf" and arg.endswith("k"):
+            elif arg.startswith("stride_") and arg.endswith("k") and arg[-2] in "oqkvdhaibf":
+                # feature strides: 1 (Triton specialises a unit stride into a constexpr)
                 sig[arg], constexprs[(j,)] = "constexpr", 1
             else:
                 sig[arg] = arg_type(arg, slots)
                 if sig[arg].startswith("*") or arg.startswith("stride_") or arg.endswith("_LEN"):
                     attrs[(j,)] = [["tt.divisibility", 16]]
-        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=w, num_stages=st))
+        c = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=w, num_stages=st),
+        )
         ptx = c.asm["ptx"]
         p = Path(tempfile.mkdtemp(prefix="aotbwd")) / "k.ptx"
         p.write_text(ptx)
-        r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(p), "-o", str(p) + ".cubin"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [str(ptxas), "-arch=sm_90a", "-v", str(p), "-o", str(p) + ".cubin"],
+            capture_output=True,
+            text=True,
+        )
         regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
-        print(f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
-              f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
-              f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
-              f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
-              + " | ".join(regs))
+        print(
+            f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
+            f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
+            f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
+            f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
+            + " | ".join(regs)
+        )
 
 
 if __name__ == "__main__":

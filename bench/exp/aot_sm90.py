@@ -42,8 +42,12 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--full", type=int, default=None, help="HAS_FULL_BLOCKS (default: masked)")
-    ap.add_argument("--pos-f32", type=int, default=1,
-                    help="POS_F32 (0: the exact-for-any-length int subtraction)")
+    ap.add_argument(
+        "--pos-f32",
+        type=int,
+        default=1,
+        help="POS_F32 (0: the exact-for-any-length int subtraction)",
+    )
     a = ap.parse_args()
     bm, bn, w, st = map(int, re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", a.cfg).groups())
     if a.variant in MODS:
@@ -55,8 +59,9 @@ def main() -> None:
     low = lower(as_mod(score, "score"), as_mod(mask, "mask"))
     ptr_t = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
     scalar_t = {"float": "fp32", "int": "i32", "bool": "i1"}
-    slot_types = {s.name: ptr_t[s.dtype] if s.kind == "tensor" else scalar_t[s.dtype]
-                  for s in low.slots}
+    slot_types = {
+        s.name: ptr_t[s.dtype] if s.kind == "tensor" else scalar_t[s.dtype] for s in low.slots
+    }
     src = low.files["fwd.py"]
     tmp = Path(tempfile.mkdtemp(prefix="aotfwd"))
     path = tmp / "aot_fwd_kernel.py"
@@ -70,13 +75,34 @@ def main() -> None:
     D = a.D
     desc = f"tensordesc<bf16[1,1,{bn},{D}]>"
     sig, consts, attrs = {}, {}, {}
-    ptr_names = {"Q", "K", "V", "OUT", "LSE", "KV_NUM_BLKS", "KV_IDX", "FULL_KV_NUM_BLKS",
-                 "FULL_KV_IDX"}
+    ptr_names = {
+        "Q",
+        "K",
+        "V",
+        "OUT",
+        "LSE",
+        "KV_NUM_BLKS",
+        "KV_IDX",
+        "FULL_KV_NUM_BLKS",
+        "FULL_KV_IDX",
+    }
     full = (mask is not None) if a.full is None else bool(a.full)
-    cx = dict(HEAD_DIM=D, HEAD_DIM_V=D, HEAD_DIM_PAD=D, HEAD_DIM_V_PAD=D, BLOCK_M=bm,
-              BLOCK_N=bn, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=True,
-              HAS_FULL_BLOCKS=full, DOT_PRECISION="tf32", SCALE_FOLDED=score is None,
-              USE_TMA=a.tma, POS_F32=bool(a.pos_f32))
+    cx = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=D,
+        HEAD_DIM_PAD=D,
+        HEAD_DIM_V_PAD=D,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        SPARSE_Q_BLOCK=128,
+        SPARSE_KV_BLOCK=128,
+        EVEN_KV=True,
+        HAS_FULL_BLOCKS=full,
+        DOT_PRECISION="tf32",
+        SCALE_FOLDED=score is None,
+        USE_TMA=a.tma,
+        POS_F32=bool(a.pos_f32),
+    )
     for i, name in enumerate(fn.arg_names):
         if name in cx:
             sig[name] = "constexpr"
@@ -88,36 +114,46 @@ def main() -> None:
                 sig[name] = "constexpr"
                 consts[name] = None
         elif name in ptr_names:
-            sig[name] = "*fp32" if name == "LSE" else "*i32" if "NUM" in name or "IDX" in name \
-                else "*bf16"
+            sig[name] = (
+                "*fp32" if name == "LSE" else "*i32" if "NUM" in name or "IDX" in name else "*bf16"
+            )
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in slot_types:
             sig[name] = slot_types[name]
         elif name == "sm_scale":
             sig[name] = "fp32"
-        elif name.endswith("k") and name.startswith("stride_") or name in (
-                "stride_bin", "stride_fin", "stride_bnm", "stride_fnm"):
+        elif (
+            name.endswith("k")
+            and name.startswith("stride_")
+            or name in ("stride_bin", "stride_fin", "stride_bnm", "stride_fnm")
+        ):
             sig[name] = "constexpr"
             consts[name] = 1
         else:
             sig[name] = "i32"
             if name.startswith("stride_") or name in ("Q_LEN", "KV_LEN"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    c = triton.compile(ASTSource(fn, sig, consts, attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": w, "num_stages": st})
+    c = triton.compile(
+        ASTSource(fn, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": w, "num_stages": st},
+    )
     ptx = c.asm["ptx"]
     if a.ptx:
         Path(a.ptx).write_text(ptx)
-    print(f"{a.variant} D={D} {a.cfg} tma={a.tma}: warps={c.metadata.num_warps} "
-          f"shared={c.metadata.shared} setmaxnreg={ptx.count('setmaxnreg')} "
-          f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
-          f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')}")
+    print(
+        f"{a.variant} D={D} {a.cfg} tma={a.tma}: warps={c.metadata.num_warps} "
+        f"shared={c.metadata.shared} setmaxnreg={ptx.count('setmaxnreg')} "
+        f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
+        f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')}"
+    )
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     (tmp / "aot.ptx").write_text(ptx)
-    r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(tmp / "aot.ptx"), "-o",
-                        str(tmp / "aot.cubin")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(ptxas), "-arch=sm_90a", "-v", str(tmp / "aot.ptx"), "-o", str(tmp / "aot.cubin")],
+        capture_output=True,
+        text=True,
+    )
     for line in r.stderr.splitlines():
         if "registers" in line or "spill" in line:
             print("  ", line.strip())
