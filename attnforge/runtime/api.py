@@ -485,9 +485,8 @@ def _full_plan(L: int, S: int, device: torch.device):
         )
     plan = BlockMask(
         (max(L, 1), max(S, 1)), partial_num, partial_idx, full_num, full_idx, *transposed,
-        BLOCK_SIZE=(_FULL_BLOCK, _FULL_BLOCK), mask_mod=None, _ascending=True,
+        BLOCK_SIZE=(_FULL_BLOCK, _FULL_BLOCK), mask_mod=None, _ascending=True, _all_full=True,
     )  # fmt: skip
-    plan._all_full = True  # equal work per tile: the kernels keep the plain program order
     with _full_lock:
         if len(_full_plans) > 64:
             _full_plans.clear()

@@ -35,7 +35,6 @@ from . import cache, knobs, loader
 
 _KNOB = "ATTNFORGE_AUTOTUNE"
 _FORMAT = 1
-_MIN_TILE = 16
 
 _lock = threading.RLock()
 _tables: dict[Path, dict[str, dict]] = {}  # tune file -> winners (disk contents + our own)
@@ -99,18 +98,16 @@ def tune_bwd(call, q, k, base, shape: tuple, need_dq: bool, run: Callable) -> An
 def candidates(base, choices: dict[str, tuple], options: dict, tiles: dict[str, int]) -> list:
     """``base`` first, then every combination of ``choices`` (fields in ``options`` keep
     their value) whose tiles are powers of two >= 16 dividing the block size in ``tiles``."""
+    from .launch import valid_tile  # launch imports this module
+
     names = list(choices)
     axes = [(getattr(base, n),) if n in options else (getattr(base, n), *choices[n]) for n in names]
     found: list = []
     for combo in itertools.product(*axes):
         cfg = dataclasses.replace(base, **dict(zip(names, combo)))
-        if cfg not in found and all(_tile_ok(getattr(cfg, n), b) for n, b in tiles.items()):
+        if cfg not in found and all(valid_tile(getattr(cfg, n), b) for n, b in tiles.items()):
             found.append(cfg)
     return found
-
-
-def _tile_ok(tile: int, block: int) -> bool:
-    return tile >= _MIN_TILE and not tile & (tile - 1) and block % tile == 0
 
 
 def _tuned(which: str, call, q, k, base, shape: tuple, found: list, run: Callable) -> Any:

@@ -285,6 +285,7 @@ class BlockMask:
         mask_mod: Any = None,
         *,
         _ascending: bool | None = None,
+        _all_full: bool = False,
     ):
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.BLOCK_SIZE = _block_size(BLOCK_SIZE)
@@ -294,7 +295,7 @@ class BlockMask:
         self.full_kv_indices = full_kv_indices
         self.mask_mod = _as_mask_mod(mask_mod)
         self._ascending = _ascending  # rows known sorted (None: check when transposing)
-        self._all_full = False  # attnforge's own no-mask plan: every tile has the same work
+        self._all_full = _all_full  # attnforge's own no-mask plan: equal work per tile
         given = (q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
         self._q = given if q_num_blocks is not None and q_indices is not None else None
 

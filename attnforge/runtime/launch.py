@@ -137,9 +137,14 @@ def _descriptor_class():
     return TensorDescriptor
 
 
+def valid_tile(tile: int, block: int) -> bool:
+    """A tile the kernels can walk a sparse block of ``block`` rows/columns with."""
+    return tile >= _MIN_TILE and not tile & (tile - 1) and block % tile == 0
+
+
 def _tile(name: str, want: int, block: int, which: str, explicit: bool) -> int:
     if explicit:
-        if want & (want - 1) or want < _MIN_TILE or block % want:
+        if not valid_tile(want, block):
             raise ValueError(
                 f"kernel_options[{name!r}]={want} must be a power of two >= {_MIN_TILE} that "
                 f"divides the block mask's {which}={block}"
@@ -408,14 +413,8 @@ def launch_fwd(
 
 def _fwd_effective_config(cfg: FwdConfig, q, k, v) -> FwdConfig:
     """``cfg``, with TMA off where an input cannot be described by a tensor descriptor."""
-    if cfg.USE_TMA and not (
-        _descriptor_class() is not None
-        and max(cfg.BLOCK_M, cfg.BLOCK_N, head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
-        <= _TMA_MAX_BOX
-        and _tma_ok(q)
-        and _tma_ok(k)
-        and _tma_ok(v)
-    ):
+    box = (cfg.BLOCK_M, cfg.BLOCK_N, head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
+    if cfg.USE_TMA and not _tma_describable(box, (q, k, v)):
         return replace(cfg, USE_TMA=False)
     return cfg
 
@@ -481,6 +480,15 @@ class _FwdPlan:
 
 
 _TMA_MAX_BOX = 256  # a TMA block is at most 256 elements along each dim
+
+
+def _tma_describable(box: tuple, tensors: tuple) -> bool:
+    """Descriptors with these block dims can cover every tensor of ``tensors``."""
+    return (
+        _descriptor_class() is not None
+        and max(box) <= _TMA_MAX_BOX
+        and all(_tma_ok(t) for t in tensors)
+    )
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -953,9 +961,7 @@ def _bwd_kernels(
     # TMA where every tensor a loop reads can be described (tiles checked per config).  The
     # dK/dV loop takes it only when asked: on sm_90 its Q/dO descriptor loads cost the
     # register-bound kernel more spills (ptxas: 24 -> 64 bytes, causal D=128) than they save
-    tma = cfg.USE_TMA and _descriptor_class() is not None and max(
-        head_dim_pad(E), head_dim_pad(Ev)) <= _TMA_MAX_BOX and all(
-        _tma_ok(t) for t in (q, k, v, d_out))  # fmt: skip
+    tma = cfg.USE_TMA and _tma_describable((head_dim_pad(E), head_dim_pad(Ev)), (q, k, v, d_out))
     tma_dkdv = tma and call.options.get("USE_TMA", False)
 
     def dkdv_args(c: BwdConfig) -> tuple:

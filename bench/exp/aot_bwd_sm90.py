@@ -8,24 +8,22 @@ forward.
 from __future__ import annotations
 
 import argparse
-import subprocess
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from aot_sm90 import build_sm90, slot_types  # noqa: E402
 
 from attnforge.codegen import lower  # noqa: E402
 from attnforge.dsl.api import as_mod  # noqa: E402
 from attnforge.runtime import loader  # noqa: E402
 
-PTR = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
-SCALAR = {"float": "fp32", "int": "i32", "bool": "i1"}
+_RED = re.compile(r"\bred\.global")  # not the "shared.global" of cp.async
 BF16_PTRS = {"Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV"}
 F32_PTRS = {"LSE", "DELTA", "DLSE", "DQ_ACC"}
 
@@ -37,8 +35,6 @@ def arg_type(a: str, slots: dict) -> str:
         return "*fp32"
     if "NUM_BLKS" in a or a.endswith("_IDX"):
         return "*i32"
-    if a.endswith("_DESC"):
-        return "desc"
     return "fp32" if a == "sm_scale" else slots.get(a, "i32")
 
 
@@ -68,7 +64,7 @@ def main() -> None:
     path = Path(tempfile.mkdtemp(prefix="aotbwd")) / "bwd.py"
     path.write_text(low.files["bwd.py"])
     mod = loader.load_module(path, "aot_bwd", interpret=False)
-    slots = {s.name: (SCALAR[s.dtype] if s.kind == "scalar" else PTR[s.dtype]) for s in low.slots}
+    slots = slot_types(low)
     D = a.D
     common = dict(
         HEAD_DIM=D,
@@ -94,7 +90,6 @@ def main() -> None:
         "_attn_bwd_dkdv": dict(BLOCK_M=m1, BLOCK_N=n1),
         "_attn_bwd_dq": dict(BLOCK_M=m2, BLOCK_N=n2),
     }
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     for name in a.kernels:
         fn = getattr(mod, name)
         const = {**common, **tiles.get(name, {})}
@@ -115,24 +110,11 @@ def main() -> None:
                 sig[arg] = arg_type(arg, slots)
                 if sig[arg].startswith("*") or arg.startswith("stride_") or arg.endswith("_LEN"):
                     attrs[(j,)] = [["tt.divisibility", 16]]
-        c = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", 90, 32),
-            options=dict(num_warps=w, num_stages=st),
-        )
-        ptx = c.asm["ptx"]
-        p = Path(tempfile.mkdtemp(prefix="aotbwd")) / "k.ptx"
-        p.write_text(ptx)
-        r = subprocess.run(
-            [str(ptxas), "-arch=sm_90a", "-v", str(p), "-o", str(p) + ".cubin"],
-            capture_output=True,
-            text=True,
-        )
-        regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+        c, ptx, regs = build_sm90(fn, sig, constexprs, attrs, w, st)
         print(
             f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
             f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
-            f"red={ptx.count('red.global')} tma={ptx.count('cp.async.bulk.tensor')} "
+            f"red={len(_RED.findall(ptx))} tma={ptx.count('cp.async.bulk.tensor')} "
             f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
             + " | ".join(regs)
         )

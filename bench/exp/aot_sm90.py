@@ -27,6 +27,36 @@ from triton.compiler import ASTSource  # noqa: E402
 from attnforge.codegen import lower  # noqa: E402
 from attnforge.dsl.api import as_mod  # noqa: E402
 
+# kernel argument types of captured values (``Lowered.slots``), by slot kind and dtype
+PTR = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
+SCALAR = {"float": "fp32", "int": "i32", "bool": "i1"}
+
+
+def slot_types(low) -> dict[str, str]:
+    return {s.name: PTR[s.dtype] if s.kind == "tensor" else SCALAR[s.dtype] for s in low.slots}
+
+
+def build_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int):
+    """``triton.compile`` for sm_90 and ``ptxas -v`` on its PTX: (compiled kernel, PTX, the
+    ptxas lines on registers and spills)."""
+    c = triton.compile(
+        ASTSource(fn, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    ptx = c.asm["ptx"]
+    ptx_path = Path(tempfile.mkdtemp(prefix="aot")) / "k.ptx"
+    ptx_path.write_text(ptx)
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    r = subprocess.run(
+        [str(ptxas), "-arch=sm_90a", "-v", str(ptx_path), "-o", f"{ptx_path}.cubin"],
+        capture_output=True,
+        text=True,
+    )
+    lines = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+    return c, ptx, lines
+
+
 MODS = {
     "noop": (None, None),
     "causal": (None, lambda b, h, q, kv: q >= kv),
@@ -57,11 +87,7 @@ def main() -> None:
 
         score, mask, _ = ba.make_variant(a.variant, 16, 8192, "cpu")
     low = lower(as_mod(score, "score"), as_mod(mask, "mask"))
-    ptr_t = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
-    scalar_t = {"float": "fp32", "int": "i32", "bool": "i1"}
-    slot_types = {
-        s.name: ptr_t[s.dtype] if s.kind == "tensor" else scalar_t[s.dtype] for s in low.slots
-    }
+    slot_t = slot_types(low)
     src = low.files["fwd.py"]
     tmp = Path(tempfile.mkdtemp(prefix="aotfwd"))
     path = tmp / "aot_fwd_kernel.py"
@@ -118,8 +144,8 @@ def main() -> None:
                 "*fp32" if name == "LSE" else "*i32" if "NUM" in name or "IDX" in name else "*bf16"
             )
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in slot_types:
-            sig[name] = slot_types[name]
+        elif name in slot_t:
+            sig[name] = slot_t[name]
         elif name == "sm_scale":
             sig[name] = "fp32"
         elif (
@@ -133,12 +159,7 @@ def main() -> None:
             sig[name] = "i32"
             if name.startswith("stride_") or name in ("Q_LEN", "KV_LEN"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    c = triton.compile(
-        ASTSource(fn, sig, consts, attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": w, "num_stages": st},
-    )
-    ptx = c.asm["ptx"]
+    c, ptx, ptxas_lines = build_sm90(fn, sig, consts, attrs, w, st)
     if a.ptx:
         Path(a.ptx).write_text(ptx)
     print(
@@ -147,16 +168,8 @@ def main() -> None:
         f"wgmma={ptx.count('wgmma.mma_async')} tma_loads={ptx.count('cp.async.bulk.tensor')} "
         f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')}"
     )
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    (tmp / "aot.ptx").write_text(ptx)
-    r = subprocess.run(
-        [str(ptxas), "-arch=sm_90a", "-v", str(tmp / "aot.ptx"), "-o", str(tmp / "aot.cubin")],
-        capture_output=True,
-        text=True,
-    )
-    for line in r.stderr.splitlines():
-        if "registers" in line or "spill" in line:
-            print("  ", line.strip())
+    for line in ptxas_lines:
+        print("  ", line)
 
 
 if __name__ == "__main__":
