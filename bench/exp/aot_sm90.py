@@ -45,6 +45,11 @@ def build_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_sta
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     ptx = c.asm["ptx"]
+    return c, ptx, ptxas_lines(ptx)
+
+
+def ptxas_lines(ptx: str) -> list[str]:
+    """``ptxas -v`` for sm_90a on a PTX text: its lines on registers and spills."""
     ptx_path = Path(tempfile.mkdtemp(prefix="aot")) / "k.ptx"
     ptx_path.write_text(ptx)
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
@@ -53,8 +58,7 @@ def build_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_sta
         capture_output=True,
         text=True,
     )
-    lines = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
-    return c, ptx, lines
+    return [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
 
 
 MODS = {
