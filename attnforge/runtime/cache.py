@@ -184,6 +184,10 @@ def _load_or_build(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         _dump(directory)
         return modules
     files = _generate(lowered)
+    if not loader.is_interpreted(device_kind) and loader._direct_enabled():
+        from . import compile_pool
+
+        compile_pool.prestart()  # a new entry: its kernels compile soon (helpers start now)
     directory = _publish(directory, files, lowered.key, device_kind)
     try:
         modules = _import_entry(directory, lowered.key, device_kind)

@@ -115,6 +115,13 @@ _declare(
     "passes overlap); 0 compiles them one by one at launch",
 )
 _declare(
+    "ATTNFORGE_COMPILE_WORKERS",
+    "int",
+    3,
+    "GPU: helper processes that compile a new variant's kernels (Triton's C++ passes hold the "
+    "GIL, so threads of one process barely overlap); 0 compiles in this process",
+)
+_declare(
     "ATTNFORGE_DIRECT_LAUNCH",
     "bool",
     True,

@@ -31,6 +31,7 @@ import json
 import linecache
 import operator
 import os
+import pickle
 import sys
 import threading
 from pathlib import Path
@@ -413,11 +414,12 @@ def install_launchers(module: ModuleType, store=None) -> list[str]:
     called: set = set()
     for value in jits.values():
         called |= _global_names(value.fn.__code__)
-    digest = _file_digest(getattr(module, "__file__", None))
+    path = getattr(module, "__file__", None)
+    digest = _file_digest(path)
     wrapped = []
     for name, value in jits.items():
         if name not in called:
-            setattr(module, name, Launcher(value, store, digest))
+            setattr(module, name, Launcher(value, store, digest, path))
             wrapped.append(name)
     return wrapped
 
@@ -540,10 +542,11 @@ class Launcher:
     (``.jit``): ``kernel[grid](*args, **kw)``, ``.warmup(*args, grid=..., **kw)``, ``.run``,
     attribute access (``.fn``, ``.params``, ...)."""
 
-    def __init__(self, jit, store=None, source_digest: str = ""):
+    def __init__(self, jit, store=None, source_digest: str = "", path=None):
         self.jit = jit
         self.store = store
         self.source_digest = source_digest
+        self.path = path  # the module's file (compile helpers import it)
         self._layouts: dict = {}
         self._saved: dict = {}  # id(kernel) -> (kernel, store key or None, Triton's key)
         self._indexed_n = 0  # launch-index records written by this process (capped)
@@ -841,8 +844,11 @@ class Launcher:
             self._options[key] = options
         return kernel
 
-    def _from_files(self, store_key, key, signature, constexprs, attrs, kernel_cache):
-        """The kept binary of ``store_key`` as Triton's kernel for ``key``, or None."""
+    def _from_files(self, store_key, key, signature, constexprs, attrs, kernel_cache,
+                    load: bool = True):  # fmt: skip
+        """The kept binary of ``store_key`` as Triton's kernel for ``key``, or None.
+        ``load=False``: not loaded onto the GPU here (a fresh compile; the launch loads it on
+        the launching thread's device)."""
         from triton.compiler import ASTSource, CompiledKernel
         from triton.runtime.errors import OutOfResources
 
@@ -854,7 +860,8 @@ class Launcher:
             src = ASTSource(self.jit, signature, constexprs, attrs)
             kernel = CompiledKernel(src, {n: str(p) for n, p in paths.items()}, meta["hash"])
             try:
-                kernel._init_handles()  # load the binary now: a bad one compiles instead
+                if load:
+                    kernel._init_handles()  # load the binary now: a bad one compiles instead
             except OutOfResources:
                 pass  # as after a compile: the launch raises it (launch_shrinking retries)
         except Exception as exc:  # noqa: BLE001
@@ -864,6 +871,73 @@ class Launcher:
         self._saved[id(kernel)] = (kernel, store_key, key)
         kernel_cache[key] = kernel
         return kernel
+
+    def _remote(self, key, signature, device, constexprs, options, attrs):
+        """Triton's compile for ``_do_compile``'s arguments done by a helper process
+        (``compile_pool``): the kernel, a future of it (under ``AsyncCompileMode``), or None
+        (compile in this process)."""
+        from . import compile_pool
+
+        if (self.store is None or self.path is None or not compile_pool.workers()
+                or not _direct_enabled() or not _store_allowed()):  # fmt: skip
+            return None
+        import triton
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        from triton.runtime import _async_compile
+
+        kernel_cache, _, target, backend, _ = self.jit.device_caches[device]
+        store_key = self._store_key(key, target, options)
+        if store_key is None:
+            return None
+        job = {
+            "path": str(self.path), "digest": self.source_digest, "kernel": self.jit.__name__,
+            "signature": signature, "constexprs": constexprs, "attrs": attrs,
+            "options": dict(options.__dict__), "binary_ext": backend.binary_ext,
+            "target": (target.backend, target.arch, target.warp_size),
+            "env": dict(get_cache_invalidating_env_vars()),
+            "triton": (triton.__file__, triton.__version__),
+        }  # fmt: skip
+        try:
+            pickle.dumps(job)
+        except Exception:  # noqa: BLE001 - something only this process can hold
+            return None
+
+        def compiled(wait: bool):
+            reply = compile_pool.compile(job, wait)
+            if reply is None:
+                return None
+            if "error" in reply:
+                _debug("compile helper failed on %s: %s", self.jit, reply["error"])
+                return None
+            meta = {"hash": reply["hash"], "name": reply["name"]}
+            if not self.store.put(store_key, reply["files"], meta):
+                return None
+            return self._from_files(store_key, key, signature, constexprs, attrs, kernel_cache,
+                                    load=False)  # fmt: skip
+
+        mode = _async_compile.active_mode.get()
+        if mode is None:  # on the launching thread: a helper only if one is ready now
+            try:
+                return compiled(wait=False)
+            except Exception as exc:  # noqa: BLE001 - compile here instead
+                _debug("compile helper lost for %s: %r", self.jit, exc)
+                return None
+
+        def compile_fn():  # on the AsyncCompileMode's executor: waits for a helper
+            try:
+                kernel = compiled(wait=True)
+            except Exception as exc:  # noqa: BLE001
+                _debug("compile helper lost for %s: %r", self.jit, exc)
+                kernel = None
+            if kernel is None:  # what Triton's own async compile would have run
+                src = self.jit.ASTSource(self.jit, signature, constexprs, attrs)
+                kernel = self.jit.compile(src, target=target, options=options.__dict__)
+            return kernel
+
+        def finalize(kernel) -> None:
+            kernel_cache[key] = kernel
+
+        return mode.submit(store_key, compile_fn, finalize)
 
     # -- kept binaries indexed by the launch key: a new process skips the binder --
     # A record maps this Launcher's own launch key (the argument layout and specialisation
@@ -1091,6 +1165,13 @@ def _hook_compile(launcher: Launcher) -> bool:
         if kernel is not None:
             return kernel
         launcher._options[key] = options
+        try:
+            kernel = launcher._remote(key, signature, device, constexprs, options, attrs)
+        except Exception as exc:  # noqa: BLE001 - never worse than Triton's compile
+            _debug("compile helper not used for %s: %r", jit, exc)
+            kernel = None
+        if kernel is not None:
+            return kernel
         return original(key, signature, device, constexprs, options, attrs, warmup)
 
     jit._do_compile = _do_compile

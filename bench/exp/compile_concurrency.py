@@ -3,9 +3,10 @@
 Compiles the compile bench's kernels (bench_attention's cold snippet: softcap + causal-via-where
 score mod, D=64 bf16, H100 default tiles: forward 128x64 w4 s4 with TMA, dQ 64x64 and dK/dV 64x64
 w4 s3) for sm_90 with ``triton.compile`` in a fresh process and an empty Triton cache, either
-one after another or all at once on a thread pool (what ``launch.compile_first_call`` does):
+one after another, all at once on a thread pool (``launch.precompile``), or all at once in
+helper processes started at the same time (``runtime.compile_pool``; their start is timed):
 
-    python bench/exp/compile_concurrency.py              # serial, then threads; 3 rounds each
+    python bench/exp/compile_concurrency.py        # serial, threads, helpers; 3 rounds each
 
 Each child prints the wall time of the compiles (``triton_key()`` included: a cold process pays
 it too; ``--warm-key`` computes it first) and per kernel.
@@ -32,6 +33,7 @@ TILES = {  # kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages, descriptor rows
     "_attn_bwd_dq": (64, 64, 4, 3, 64),
     "_attn_bwd_dkdv": (64, 64, 4, 3, None),
 }
+MODES = ("serial", "threads", "helpers")
 PTRS = {"Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV"}
 F32 = {"LSE", "DELTA", "DLSE", "DQ_ACC"}
 
@@ -89,7 +91,7 @@ def jobs():
                     if sig[arg].startswith("*") or arg.startswith("stride_") or "_LEN" in arg:
                         attrs[(j,)] = [["tt.divisibility", 16]]
             opts = {"num_warps": w, "num_stages": st}
-            out.append((name, ASTSource(fn, sig, consts, attrs), opts))
+            out.append((name, ASTSource(fn, sig, consts, attrs), opts, tmp / f"{kind}.py"))
     return out
 
 
@@ -106,33 +108,63 @@ def child(mode: str, warm_key: bool) -> None:
     times = {}
 
     def one(job):
-        name, src, opts = job
+        name, src, opts, _ = job
         t = time.perf_counter()
         triton.compile(src, target=target, options=opts)
+        times[name] = round(time.perf_counter() - t, 3)
+
+    def helper(job):  # what loader.Launcher._remote sends
+        import hashlib
+
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+
+        from attnforge.runtime import compile_pool
+
+        name, src, opts, path = job
+        backend = triton.compiler.make_backend(target)
+        t = time.perf_counter()
+        reply = compile_pool.compile({
+            "path": str(path), "digest": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "kernel": name, "signature": src.signature, "constexprs": src.constants,
+            "attrs": src.attrs, "options": backend.parse_options(opts).__dict__,
+            "binary_ext": backend.binary_ext, "target": (target.backend, target.arch, 32),
+            "env": dict(get_cache_invalidating_env_vars()),
+            "triton": (triton.__file__, triton.__version__)}, wait=True)  # fmt: skip
+        assert "files" in reply, reply
         times[name] = round(time.perf_counter() - t, 3)
 
     t0 = time.perf_counter()
     if mode == "serial":
         for job in todo:
             one(job)
-    else:
+    elif mode == "threads":
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(todo)) as pool:
             list(pool.map(one, todo))
+    else:  # helper processes, started now (as compile_pool.prestart does)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from attnforge.runtime import compile_pool
+
+        os.environ["ATTNFORGE_COMPILE_WORKERS"] = str(len(todo))
+        compile_pool.prestart()
+        with ThreadPoolExecutor(len(todo)) as pool:
+            list(pool.map(helper, todo))
     print(json.dumps({"mode": mode, "total_s": round(time.perf_counter() - t0, 3), **times}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=("serial", "threads"))
+    ap.add_argument("--child", choices=MODES)
+    ap.add_argument("--modes", nargs="*", default=list(MODES))
     ap.add_argument("--warm-key", action="store_true", help="compute triton_key() before timing")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.warm_key)
     for _ in range(a.rounds):
-        for mode in ("serial", "threads"):
+        for mode in a.modes:
             with tempfile.TemporaryDirectory() as cache:
                 env = dict(os.environ, TRITON_CACHE_DIR=cache)
                 cmd = [sys.executable, __file__, "--child", mode] + (["--warm-key"] * a.warm_key)
