@@ -455,6 +455,9 @@ def test_launch_index_yields_to_knob_hooks_and_damage(indexed, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
     assert _launch(indexed.load(2), x, x, 100, 0.5, True)[0] == "triton"
     monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
+    monkeypatch.setenv("ATTNFORGE_LAUNCH_INDEX", "0")
+    assert _launch(indexed.load(20), x, x, 100, 0.5, True)[0] == "triton"
+    monkeypatch.delenv("ATTNFORGE_LAUNCH_INDEX")
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *a, **k: None)
     assert _launch(indexed.load(3), x, x, 100, 0.5, True)[0] == "triton"
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)

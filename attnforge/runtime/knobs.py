@@ -130,6 +130,13 @@ _declare(
     "calling triton.compile in a new process; 0 uses Triton's launch and compile path",
 )
 _declare(
+    "ATTNFORGE_LAUNCH_INDEX",
+    "bool",
+    True,
+    "GPU (with ATTNFORGE_DIRECT_LAUNCH): index kept binaries by attnforge's launch key, so a new "
+    "process launches them without Triton's argument binder; 0 finds them through Triton's path",
+)
+_declare(
     "ATTNFORGE_AUTOTUNE",
     "bool",
     False,

@@ -960,7 +960,7 @@ class Launcher:
     def _indexed(self, args, kwargs, lkey, layout, sub):
         """``((launcher, function, packed, kernel), device, tail)`` of a kept binary indexed by
         this launch's key, remembered for later launches; None (Triton's path) otherwise."""
-        if not _store_allowed():
+        if not _store_allowed() or not _knobs.get("ATTNFORGE_LAUNCH_INDEX"):
             return None
         if self._device is None:
             self._bind_driver()
@@ -1008,6 +1008,8 @@ class Launcher:
         _, store_key, key = saved
         if store_key is None or self._indexed_n >= _MAX_INDEX:
             return  # a bound: shapes that change every call must not write a record each
+        if not _knobs.get("ATTNFORGE_LAUNCH_INDEX"):
+            return
         try:
             text = self._index_key(lkey, sub, self.jit.device_caches[sub[0]][2])
         except TypeError:
