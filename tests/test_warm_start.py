@@ -252,8 +252,9 @@ def test_store_is_skipped_or_rejected_when_it_must_be(fake_triton, monkeypatch):
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *a, **k: None)
     assert compiles(4)  # a user's compile hook must see the compile
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
-    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")
+    # (the knob first: monkeypatch restores the value it read, which the env var would set)
     monkeypatch.setattr(knobs.compilation, "always_compile", True)
+    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")
     assert compiles(5)
     monkeypatch.setattr(knobs.compilation, "always_compile", False)
     # a binary the driver rejects is discarded and compiled instead
@@ -283,3 +284,210 @@ def test_compile_env_tracks_invalidating_env_vars(monkeypatch):
     assert before is not None and after is not None
     if "TRITON_DEFAULT_FP_FUSION" in after:
         assert before != after
+
+
+# -- CPU: the launch index (a new process launches a kept binary without Triton's binder) ------
+
+_SRC2 = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel(X, Y, n, scale, flag, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i) * scale, mask=(i < n) & flag)
+"""
+
+
+class _Kernel:
+    """A CompiledKernel stand-in whose launcher records its arguments."""
+
+    launches: list = []
+
+    def __init__(self, src, metadata_group, hash):
+        self.src, self.metadata_group, self.hash, self.name = src, metadata_group, hash, "kernel"
+        self.function, self.packed_metadata, self._run = object(), "packed", None
+
+    def _init_handles(self):
+        self._run = lambda *a: _Kernel.launches.append(("direct", self.hash, a))
+
+    @property
+    def run(self):
+        if self._run is None:
+            self._init_handles()
+        return self._run
+
+
+@pytest.fixture
+def indexed(tmp_path, monkeypatch):
+    """``load(n)``: a fresh module of one kernel file ("a new process") over one store, with a
+    fake driver; its Triton path (``jit.run``/``jit.warmup``) binds and keys with Triton's real
+    binder and records ``("triton", key, bound args)`` in ``_Kernel.launches``."""
+    import triton.compiler
+    from triton import knobs
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    from attnforge.runtime import cache, loader
+
+    if "nvidia" not in backends:
+        pytest.skip("triton has no CUDA backend here")
+    monkeypatch.setattr(triton.compiler, "CompiledKernel", _Kernel)
+    monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH", raising=False)
+    _Kernel.launches = []
+    path = tmp_path / "k2.py"
+    path.write_text(_SRC2)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    store = cache.BinaryStore(tmp_path / "bin")
+
+    def load(n):
+        mod = loader.load_module(path, f"attnforge_test.index_{id(tmp_path)}_{n}", interpret=False)
+        loader.install_launchers(mod, store)
+        launcher = mod.kernel
+        jit = launcher.jit
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        jit.device_caches[0] = ({}, {}, target, backend, binder)
+        launcher._device, launcher._stream = (lambda: 0), (lambda device: 1234)
+        kernel_cache, key_cache = jit.device_caches[0][:2]
+
+        def run(*args, grid, warmup, **kwargs):
+            kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            bound, spec, opts = binder(*args, **kwargs)
+            key = compute_cache_key(key_cache, spec, opts)
+            kernel = kernel_cache.get(key)
+            if kernel is None:  # "compile": real specialisation, fake binary files
+                options, sig, consts, attrs = jit._pack_args(backend, kwargs, bound, spec, opts)
+                files = {}
+                for name, data in (("kernel.json", key.encode()), ("kernel.cubin", b"\x7f" * 8)):
+                    p = tmp_path / f"{abs(hash(key))}-{name}"
+                    p.write_bytes(data)
+                    files[name] = str(p)
+                kernel = _Kernel(ASTSource(jit, sig, consts, attrs), files, key)
+                kernel_cache[key] = kernel
+                launcher._options[key] = options
+            if not warmup:
+                kernel.run  # noqa: B018 - loads the binary, as Triton's launch does
+                _Kernel.launches.append(("triton", key, tuple(bound.values())))
+            return kernel
+
+        jit.run = run
+        return launcher
+
+    return types.SimpleNamespace(load=load, store=store, tmp=tmp_path)
+
+
+def _launch(launcher, *args, **kw):
+    _Kernel.launches.clear()
+    launcher[(3,)](*args, **{"BLOCK": 128, "num_warps": 4, **kw})
+    assert len(_Kernel.launches) == 1
+    return _Kernel.launches[0]
+
+
+def test_new_process_launches_indexed_binary_without_the_binder(indexed):
+    base = torch.zeros(4096)
+    x, y = base[:1024], base[1024:2048]
+    first = indexed.load(1)
+    ran = _launch(first, x, y, 100, 0.5, True)
+    assert ran[0] == "triton"
+    assert _launch(first, x, y, 100, 0.5, True)[0] == "direct"
+    second = indexed.load(2)  # "a new process"
+    triton_path = second.jit.run
+
+    def no_binder(*a, **k):
+        raise AssertionError("Triton's binder ran")
+
+    second.jit.run = no_binder
+    second.jit.device_caches[0] = (*second.jit.device_caches[0][:4], no_binder)
+    got = _launch(second, x, y, 100, 0.25, True)  # floats are never specialised
+    assert got[0] == "direct" and got[1] == ran[1]  # the binary Triton picked for this key
+    assert got[2][:9] == (3, 1, 1, 1234, got[2][4], "packed", None, None, None)
+    assert got[2][9:] == (x, y, 100, 0.25, True, 128)  # bound arguments, constexprs included
+    kernel = second.jit.device_caches[0][0][ran[1]]
+    first_kernel = first.jit.device_caches[0][0][ran[1]]
+    assert kernel.src.fn is second.jit  # rebuilt on this module's JITFunction
+    for field in ("signature", "constants", "attrs"):
+        assert getattr(kernel.src, field) == getattr(first_kernel.src, field), field
+    assert _launch(second, x, y, 100, 0.5, True)[0] == "direct"  # now in memory
+    # anything that is (or may be) another specialisation misses the index: Triton's path
+    second.jit.run = triton_path
+    for args, kw in [
+        ((base[1:1025], y, 100, 0.5, True), {}),  # misaligned pointer
+        ((x, y, 96, 0.5, True), {}),  # another int value (divisible by 16)
+        ((x, y, 1, 0.5, True), {}),  # an int equal to 1
+        ((x, y, 100, 0.5, False), {}),  # a bool
+        ((x.double(), y, 100, 0.5, True), {}),  # a dtype
+        ((x, y, 100, 0.5, True), {"BLOCK": 64}),  # a constexpr
+        ((x, y, 100, 0.5, True), {"num_warps": 8}),  # an option
+    ]:
+        assert _launch(second, *args, **kw)[0] == "triton", (args, kw)
+    # ... and each is indexed now: a third process launches all of them directly
+    third = indexed.load(3)
+    third.jit.run = no_binder
+    for args, kw in [((x, y, 96, 0.5, True), {}), ((x, y, 100, 0.5, True), {"BLOCK": 64})]:
+        assert _launch(third, *args, **kw)[0] == "direct"
+
+
+def test_warmup_loads_indexed_binary(indexed):
+    x = torch.zeros(1024)
+    first = indexed.load(1)
+    _launch(first, x, x, 100, 0.5, True)
+    second = indexed.load(2)
+    second.jit.warmup = None  # would raise if called
+    second.jit.run = None
+    kernel = second.warmup(x, x, 100, 0.5, True, grid=(1,), BLOCK=128, num_warps=4)
+    assert isinstance(kernel, _Kernel) and _Kernel.launches[-1][0] == "triton"  # nothing ran
+    assert _launch(second, x, x, 100, 0.5, True)[:2] == ("direct", kernel.hash)
+
+
+def test_launch_index_yields_to_knob_hooks_and_damage(indexed, monkeypatch):
+    from triton import knobs
+
+    x = torch.zeros(1024)
+    first = indexed.load(1)
+    _launch(first, x, x, 100, 0.5, True)
+    records = list((indexed.tmp / "bin").rglob("index.json"))
+    assert len(records) == 1
+    monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
+    assert _launch(indexed.load(2), x, x, 100, 0.5, True)[0] == "triton"
+    monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
+    monkeypatch.setenv("ATTNFORGE_LAUNCH_INDEX", "0")
+    assert _launch(indexed.load(20), x, x, 100, 0.5, True)[0] == "triton"
+    monkeypatch.delenv("ATTNFORGE_LAUNCH_INDEX")
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *a, **k: None)
+    assert _launch(indexed.load(3), x, x, 100, 0.5, True)[0] == "triton"
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
+    assert _launch(indexed.load(4), x, x, 100, 0.5, True)[0] == "direct"
+    # a damaged record warns, is dropped and Triton's path runs; the next launch re-indexes
+    records[0].write_text("{}")
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        assert _launch(indexed.load(5), x, x, 100, 0.5, True)[0] == "triton"
+    assert _launch(indexed.load(6), x, x, 100, 0.5, True)[0] == "direct"
+    # a record whose binary is gone: Triton's path
+    for cubin in (indexed.tmp / "bin").rglob("*.cubin"):
+        cubin.unlink()
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        assert _launch(indexed.load(7), x, x, 100, 0.5, True)[0] == "triton"
+
+
+def test_launch_index_writes_are_bounded(indexed):
+    from attnforge.runtime import loader
+
+    x = torch.zeros(4096)
+    first = indexed.load(1)
+    for n in range(100, 100 + loader._MAX_INDEX + 8):
+        _launch(first, x, x, n, 0.5, True)
+    assert len(list((indexed.tmp / "bin").rglob("index.json"))) == loader._MAX_INDEX
+
+
+def test_launch_key_text_is_exact():
+    from attnforge.runtime import loader
+
+    texts = {loader._plain(v) for v in (1, True, 1.0, "1", None, (1,), [1], torch.float32, int)}
+    assert len(texts) == 9
+    with pytest.raises(TypeError):
+        loader._plain(object())

@@ -184,6 +184,10 @@ def _load_or_build(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         _dump(directory)
         return modules
     files = _generate(lowered)
+    if not loader.is_interpreted(device_kind) and loader._direct_enabled():
+        from . import compile_pool
+
+        compile_pool.prestart()  # a new entry: its kernels compile soon (helpers start now)
     directory = _publish(directory, files, lowered.key, device_kind)
     try:
         modules = _import_entry(directory, lowered.key, device_kind)
@@ -313,8 +317,13 @@ class BinaryStore:
     def _dir(self, key: str) -> Path:
         return self.root / _sha256(key.encode())[:32]
 
-    def get(self, key: str) -> tuple[dict[str, Path], dict] | None:
-        """``({file name: path}, meta)`` of a complete, intact binary for ``key``; else None."""
+    def has(self, key: str) -> bool:
+        """Something complete is kept under ``key``'s directory (not verified: see get)."""
+        return (self._dir(key) / _MANIFEST).exists()
+
+    def get(self, key: str, count: bool = True) -> tuple[dict[str, Path], dict] | None:
+        """``({file name: path}, meta)`` of a complete, intact binary for ``key``; else None.
+        ``count=False``: not a binary (a launch-index record), not in ``cache_info()``."""
         directory = self._dir(key)
         marker = directory / _MANIFEST
         try:
@@ -343,12 +352,13 @@ class BinaryStore:
             )
             _discard(marker)
             return None
-        with _lock:
-            _stats.binary_loads += 1
+        if count:
+            with _lock:
+                _stats.binary_loads += 1
         _debug("binary hit %s", directory)
         return paths, meta
 
-    def put(self, key: str, files: dict[str, bytes], meta: dict) -> bool:
+    def put(self, key: str, files: dict[str, bytes], meta: dict, count: bool = True) -> bool:
         """Keep ``files`` for ``key``; False (never an exception) when it cannot be written."""
         directory = self._dir(key)
         try:
@@ -364,8 +374,9 @@ class BinaryStore:
         except (OSError, ValueError) as exc:
             _debug("cannot keep binary in %s: %s", directory, exc)
             return False
-        with _lock:
-            _stats.binary_saves += 1
+        if count:
+            with _lock:
+                _stats.binary_saves += 1
         _debug("binary kept %s", directory)
         return True
 

@@ -115,12 +115,26 @@ _declare(
     "passes overlap); 0 compiles them one by one at launch",
 )
 _declare(
+    "ATTNFORGE_COMPILE_WORKERS",
+    "int",
+    3,
+    "GPU: helper processes that compile a new variant's kernels (Triton's C++ passes hold the "
+    "GIL, so threads of one process barely overlap); 0 compiles in this process",
+)
+_declare(
     "ATTNFORGE_DIRECT_LAUNCH",
     "bool",
     True,
     "GPU: launch a kernel already run with the same argument specialisation directly (skipping "
     "Triton's per-call binding), and load binaries kept in the kernel cache entry instead of "
     "calling triton.compile in a new process; 0 uses Triton's launch and compile path",
+)
+_declare(
+    "ATTNFORGE_LAUNCH_INDEX",
+    "bool",
+    True,
+    "GPU (with ATTNFORGE_DIRECT_LAUNCH): index kept binaries by attnforge's launch key, so a new "
+    "process launches them without Triton's argument binder; 0 finds them through Triton's path",
 )
 _declare(
     "ATTNFORGE_AUTOTUNE",

@@ -27,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import linecache
 import operator
 import os
+import pickle
 import sys
 import threading
 from pathlib import Path
@@ -396,6 +398,8 @@ _DIRECT_KNOB = "ATTNFORGE_DIRECT_LAUNCH"
 _DIRECT_DEFAULT = bool(_knobs._lookup(_DIRECT_KNOB).default)
 _SCALAR_TYPES = (int, bool, type(None), str)
 _MAX_ENTRIES = 64  # specialisations remembered per argument layout (then start over)
+_MAX_INDEX = 16  # launch-index records one Launcher writes per process
+_INDEX_FILE = "index.json"
 
 
 def install_launchers(module: ModuleType, store=None) -> list[str]:
@@ -410,11 +414,12 @@ def install_launchers(module: ModuleType, store=None) -> list[str]:
     called: set = set()
     for value in jits.values():
         called |= _global_names(value.fn.__code__)
-    digest = _file_digest(getattr(module, "__file__", None))
+    path = getattr(module, "__file__", None)
+    digest = _file_digest(path)
     wrapped = []
     for name, value in jits.items():
         if name not in called:
-            setattr(module, name, Launcher(value, store, digest))
+            setattr(module, name, Launcher(value, store, digest, path))
             wrapped.append(name)
     return wrapped
 
@@ -489,19 +494,63 @@ def _getter(positions: list):
     return operator.itemgetter(*positions)
 
 
+def _plain(x) -> str:
+    """Exact text of a launch-key part (TypeError for anything not known to print exactly)."""
+    t = type(x)
+    if t is tuple:
+        return "(" + ",".join(map(_plain, x)) + ")"
+    if t is list:
+        return "[" + ",".join(map(_plain, x)) + "]"
+    if x is None or t in (int, bool, float, str):
+        return f"{t.__name__}:{x!r}"
+    if isinstance(x, type):  # (torch.Tensor's metaclass is not ``type``)
+        return f"type:{x.__module__}.{x.__qualname__}"
+    if t is _torch_dtype():
+        return repr(x)
+    raise TypeError(f"no exact text for {t.__name__}")
+
+
+def _torch_dtype():
+    import torch
+
+    return torch.dtype
+
+
+_JSON_SCALARS = (int, bool, float, str, type(None))
+
+
+def _spec_record(kernel) -> dict | None:
+    """The specialisation a CompiledKernel was built for (its ASTSource) as JSON-able lists,
+    or None where a part would not come back from JSON unchanged."""
+    src = getattr(kernel, "src", None)
+    sig = getattr(src, "signature", None)
+    if not isinstance(sig, dict) or not all(type(v) is str for v in sig.values()):
+        return None
+    constants = [[list(k), v] for k, v in src.constants.items()]
+    attrs = [[list(k), v] for k, v in src.attrs.items()]
+    if not all(type(v) in _JSON_SCALARS for _, v in constants):
+        return None
+    record = {"signature": sig, "constants": constants, "attrs": attrs}
+    if json.loads(json.dumps(record)) != record:
+        return None
+    return record
+
+
 class Launcher:
     """A compiled Triton kernel with a direct-launch fast path and binaries kept in our cache
     (see the comment above :func:`install_launchers`). Behaves like the ``JITFunction`` it wraps
     (``.jit``): ``kernel[grid](*args, **kw)``, ``.warmup(*args, grid=..., **kw)``, ``.run``,
     attribute access (``.fn``, ``.params``, ...)."""
 
-    def __init__(self, jit, store=None, source_digest: str = ""):
+    def __init__(self, jit, store=None, source_digest: str = "", path=None):
         self.jit = jit
         self.store = store
         self.source_digest = source_digest
+        self.path = path  # the module's file (compile helpers import it)
         self._layouts: dict = {}
-        self._saved: set = set()
-        self._from_store: set = set()  # ids of CompiledKernels built from the store
+        self._saved: dict = {}  # id(kernel) -> (kernel, store key or None, Triton's key)
+        self._indexed_n = 0  # launch-index records written by this process (capped)
+        self._index_done: set = set()  # index keys read or written here
         self._options: dict = {}  # Triton kernel key -> the parsed options it was compiled with
         self._device = self._stream = None
         self._globals = (None, ())  # (jit.used_global_vals checked, ((dict, name, object), ...))
@@ -521,6 +570,17 @@ class Launcher:
         return functools.partial(self._launch, grid)
 
     def warmup(self, *args, grid, **kwargs):
+        if self.store is not None and _direct_enabled():
+            tk = _triton_knobs()
+            if tk is not None and not self.jit.pre_run_hooks and _hooks_empty(tk.runtime):
+                try:
+                    lkey = (tuple(map(type, args)), tuple(kwargs.items()), tk.runtime.debug,
+                            tk.compilation.instrumentation_mode)  # fmt: skip
+                    found = self._indexed(args, kwargs, lkey, self._layouts.get(lkey), None)
+                except TypeError:
+                    found = None
+                if found is not None:
+                    return found[0][3]
         return self.jit.warmup(*args, grid=grid, **kwargs)
 
     # -- launch --
@@ -647,7 +707,19 @@ class Launcher:
         return True
 
     def _slow(self, args, grid, kwargs, lkey, layout, sub=None):
-        """Triton's launch; then remember the kernel it ran for this layout/specialisation."""
+        """Triton's launch; then remember the kernel it ran for this layout/specialisation.
+        A kept binary indexed by this launch's key (an earlier process ran it) is launched
+        directly instead: no binder, no ``triton.compile``."""
+        if layout is not _UNSUPPORTED and self.store is not None:
+            found = self._indexed(args, kwargs, lkey, layout, sub)
+            if found is not None:
+                entry, device, tail = found
+                launcher, function, packed, kernel = entry
+                n = len(grid)
+                launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                         self._stream(device), function, packed, None, None, None, *args,
+                         *tail)  # fmt: skip
+                return kernel
         kernel = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
         if layout is _UNSUPPORTED:
             return kernel
@@ -676,7 +748,9 @@ class Launcher:
             layout.kernels.clear()
         layout.kernels[sub] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
         try:
-            self._save(kernel, sub[0])
+            saved = self._save(kernel, sub[0])
+            if saved is not None:
+                self._write_index(kernel, lkey, sub, saved)
         except Exception as exc:  # noqa: BLE001 - keeping the binary is a speed-up only
             _debug("cannot keep the binary of %s: %r", self.jit, exc)
 
@@ -720,25 +794,33 @@ class Launcher:
 
     # -- binaries kept in our cache entry --
 
-    def _save(self, kernel, device) -> None:
-        if self.store is None or id(kernel) in self._from_store or id(kernel) in self._saved:
-            return
+    def _save(self, kernel, device) -> tuple | None:
+        """Keep ``kernel``'s binary in the store (once): ``(kernel, store key or None, Triton's
+        kernel key)``, or None where it cannot be kept."""
+        if self.store is None:
+            return None
+        known = self._saved.get(id(kernel))
+        if known is not None:
+            return known
         caches = self.jit.device_caches.get(device)
         if caches is None:
-            return
+            return None
         kernel_cache, _, target, backend, _ = caches
         key = next((k for k, v in kernel_cache.items() if v is kernel), None)
         if key is None:
-            return
-        self._saved.add(id(kernel))
+            return None
+        store_key = self._store_key(key, target, self._options.get(key))
+        saved = self._saved[id(kernel)] = (kernel, store_key, key)  # the kernel pins its id
+        if store_key is None:
+            return saved
         files = {}
         for name, path in kernel.metadata_group.items():
             if name.endswith(".json") or name.endswith("." + backend.binary_ext):
                 files[name] = Path(path).read_bytes()
         meta = {"hash": kernel.hash, "name": kernel.name}
-        store_key = self._store_key(key, target, self._options.get(key))
-        if store_key is not None:
-            self.store.put(store_key, files, meta)
+        if not self.store.put(store_key, files, meta):
+            saved = self._saved[id(kernel)] = (kernel, None, key)
+        return saved
 
     def _store_key(self, key: str, target, options) -> str | None:
         env = _compile_env()
@@ -751,15 +833,25 @@ class Launcher:
 
     def _load(self, key, signature, device, constexprs, options, attrs):
         """A CompiledKernel from the store for Triton's ``_do_compile`` arguments, or None."""
-        from triton.compiler import ASTSource, CompiledKernel
-        from triton.runtime.errors import OutOfResources
-
         if self.store is None or not _direct_enabled() or not _store_allowed():
             return None
         kernel_cache, _, target, _, _ = self.jit.device_caches[device]
         store_key = self._store_key(key, target, options)
         if store_key is None:
             return None
+        kernel = self._from_files(store_key, key, signature, constexprs, attrs, kernel_cache)
+        if kernel is not None:
+            self._options[key] = options
+        return kernel
+
+    def _from_files(self, store_key, key, signature, constexprs, attrs, kernel_cache,
+                    load: bool = True):  # fmt: skip
+        """The kept binary of ``store_key`` as Triton's kernel for ``key``, or None.
+        ``load=False``: not loaded onto the GPU here (a fresh compile; the launch loads it on
+        the launching thread's device)."""
+        from triton.compiler import ASTSource, CompiledKernel
+        from triton.runtime.errors import OutOfResources
+
         found = self.store.get(store_key)
         if found is None:
             return None
@@ -768,16 +860,169 @@ class Launcher:
             src = ASTSource(self.jit, signature, constexprs, attrs)
             kernel = CompiledKernel(src, {n: str(p) for n, p in paths.items()}, meta["hash"])
             try:
-                kernel._init_handles()  # load the binary now: a bad one compiles instead
+                if load:
+                    kernel._init_handles()  # load the binary now: a bad one compiles instead
             except OutOfResources:
                 pass  # as after a compile: the launch raises it (launch_shrinking retries)
         except Exception as exc:  # noqa: BLE001
             _debug("kept binary for %s not usable (%r): compiling", self.jit, exc)
             self.store.discard(store_key)
             return None
-        self._from_store.add(id(kernel))
+        self._saved[id(kernel)] = (kernel, store_key, key)
         kernel_cache[key] = kernel
         return kernel
+
+    def _remote(self, key, signature, device, constexprs, options, attrs):
+        """Triton's compile for ``_do_compile``'s arguments done by a helper process
+        (``compile_pool``): the kernel, a future of it (under ``AsyncCompileMode``), or None
+        (compile in this process)."""
+        from . import compile_pool
+
+        if (self.store is None or self.path is None or not compile_pool.workers()
+                or not _direct_enabled() or not _store_allowed()):  # fmt: skip
+            return None
+        import triton
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        from triton.runtime import _async_compile
+
+        kernel_cache, _, target, backend, _ = self.jit.device_caches[device]
+        store_key = self._store_key(key, target, options)
+        if store_key is None:
+            return None
+        job = {
+            "path": str(self.path), "digest": self.source_digest, "kernel": self.jit.__name__,
+            "signature": signature, "constexprs": constexprs, "attrs": attrs,
+            "options": dict(options.__dict__), "binary_ext": backend.binary_ext,
+            "target": (target.backend, target.arch, target.warp_size),
+            "env": dict(get_cache_invalidating_env_vars()),
+            "triton": (triton.__file__, triton.__version__),
+        }  # fmt: skip
+        try:
+            pickle.dumps(job)
+        except Exception:  # noqa: BLE001 - something only this process can hold
+            return None
+
+        def compiled(wait: bool):
+            reply = compile_pool.compile(job, wait)
+            if reply is None:
+                return None
+            if "error" in reply:
+                _debug("compile helper failed on %s: %s", self.jit, reply["error"])
+                return None
+            meta = {"hash": reply["hash"], "name": reply["name"]}
+            if not self.store.put(store_key, reply["files"], meta):
+                return None
+            return self._from_files(store_key, key, signature, constexprs, attrs, kernel_cache,
+                                    load=False)  # fmt: skip
+
+        mode = _async_compile.active_mode.get()
+        if mode is None:  # on the launching thread: a helper only if one is ready now
+            try:
+                return compiled(wait=False)
+            except Exception as exc:  # noqa: BLE001 - compile here instead
+                _debug("compile helper lost for %s: %r", self.jit, exc)
+                return None
+
+        def compile_fn():  # on the AsyncCompileMode's executor: waits for a helper
+            try:
+                kernel = compiled(wait=True)
+            except Exception as exc:  # noqa: BLE001
+                _debug("compile helper lost for %s: %r", self.jit, exc)
+                kernel = None
+            if kernel is None:  # what Triton's own async compile would have run
+                src = self.jit.ASTSource(self.jit, signature, constexprs, attrs)
+                kernel = self.jit.compile(src, target=target, options=options.__dict__)
+            return kernel
+
+        def finalize(kernel) -> None:
+            kernel_cache[key] = kernel
+
+        return mode.submit(store_key, compile_fn, finalize)
+
+    # -- kept binaries indexed by the launch key: a new process skips the binder --
+    # A record maps this Launcher's own launch key (the argument layout and specialisation
+    # inputs ``_launch`` looks kernels up by, as exact text: a refinement of Triton's
+    # specialisation) to the kept binary Triton picked for it and the specialisation Triton
+    # computed (signature, constexprs, attributes), so a new process launches it without ever
+    # running ``JITFunction.run``'s binder (whose first call imports triton.experimental.gluon)
+    # or ``triton.compile``.  Written by the process that ran the launch through Triton's path.
+
+    def _index_key(self, lkey: tuple, sub: tuple, target) -> str | None:
+        env = _compile_env()
+        if env is None:
+            return None
+        types, kw, debug, mode = lkey
+        return "\n".join([
+            "attnforge-launch-index 1", self.jit.__name__, self.source_digest, env, repr(target),
+            _plain(types), _plain(kw), _plain(debug), _plain(mode), _plain(sub[1:]),
+        ])  # fmt: skip
+
+    def _indexed(self, args, kwargs, lkey, layout, sub):
+        """``((launcher, function, packed, kernel), device, tail)`` of a kept binary indexed by
+        this launch's key, remembered for later launches; None (Triton's path) otherwise."""
+        if not _store_allowed() or not _knobs.get("ATTNFORGE_LAUNCH_INDEX"):
+            return None
+        if self._device is None:
+            self._bind_driver()
+        if layout is None:
+            layout = self._make_layout(lkey[0], args, kwargs)
+            if layout is _UNSUPPORTED:
+                return None
+        device = self._device()
+        if sub is None:
+            sub = layout.key(device, args)
+        # (device_caches builds the binder; it is never called here)
+        kernel_cache, _, target, _, _ = self.jit.device_caches[device]
+        try:
+            text = self._index_key(lkey, sub, target)
+        except TypeError:  # a value without exact text: never indexed
+            return None
+        found = self.store.get(text, count=False) if text is not None else None
+        if found is None:
+            return None
+        paths, _ = found
+        try:
+            rec = json.loads(paths[_INDEX_FILE].read_text())
+            key = rec["key"]
+            kernel = kernel_cache.get(key)
+            if kernel is None:
+                constexprs = {tuple(k): v for k, v in rec["constants"]}
+                attrs = {tuple(k): v for k, v in rec["attrs"]}
+                kernel = self._from_files(rec["store_key"], key, rec["signature"], constexprs,
+                                          attrs, kernel_cache)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a damaged record: Triton's path
+            _debug("launch index of %s not usable (%r)", self.jit, exc)
+            self.store.discard(text)
+            return None
+        if kernel is None or kernel.function is None or not self._globals_current():
+            return None  # not kept, or it raised at load (Triton's path raises it again)
+        entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        if len(layout.kernels) >= _MAX_ENTRIES:
+            layout.kernels.clear()
+        layout.kernels[sub] = entry
+        self._layouts[lkey] = layout
+        self._index_done.add(text)
+        return entry, device, layout.tail
+
+    def _write_index(self, kernel, lkey: tuple, sub: tuple, saved: tuple) -> None:
+        _, store_key, key = saved
+        if store_key is None or self._indexed_n >= _MAX_INDEX:
+            return  # a bound: shapes that change every call must not write a record each
+        if not _knobs.get("ATTNFORGE_LAUNCH_INDEX"):
+            return
+        try:
+            text = self._index_key(lkey, sub, self.jit.device_caches[sub[0]][2])
+        except TypeError:
+            return
+        if text is None or text in self._index_done:
+            return
+        self._index_done.add(text)
+        record = _spec_record(kernel)
+        if record is None or self.store.has(text):
+            return
+        self._indexed_n += 1
+        record.update(key=key, store_key=store_key)
+        self.store.put(text, {_INDEX_FILE: json.dumps(record).encode()}, {"index": 1}, count=False)
 
 
 _POSITIONS = object()  # launch_planned's memo key for the tensor argument positions
@@ -922,6 +1167,13 @@ def _hook_compile(launcher: Launcher) -> bool:
         if kernel is not None:
             return kernel
         launcher._options[key] = options
+        try:
+            kernel = launcher._remote(key, signature, device, constexprs, options, attrs)
+        except Exception as exc:  # noqa: BLE001 - never worse than Triton's compile
+            _debug("compile helper not used for %s: %r", jit, exc)
+            kernel = None
+        if kernel is not None:
+            return kernel
         return original(key, signature, device, constexprs, options, attrs, warmup)
 
     jit._do_compile = _do_compile
