@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import triton  # noqa: E402
 from aot_sm90 import build_sm90, slot_types  # noqa: E402
 
 from attnforge.codegen import lower  # noqa: E402
@@ -38,6 +40,52 @@ def arg_type(a: str, slots: dict) -> str:
     return "fp32" if a == "sm_scale" else slots.get(a, "i32")
 
 
+def sass_of(c) -> str:
+    """nvdisasm of the kernel's cubin."""
+    cubin = Path(tempfile.mkdtemp(prefix="aotsass")) / "k.cubin"
+    cubin.write_bytes(c.asm["cubin"])
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    return subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\.(L_x_\d+):", re.M)
+
+
+def loop_local_access(sass: str) -> int:
+    """LDL/STL inside innermost loop bodies (a label to a branch back to it, holding no other
+    such span): the spills paid every tile step; the others run once per program or head."""
+    where, at = {}, 0
+    insns = []
+    for line in sass.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            where[m.group(1)] = at
+        m = _INSN.search(line)
+        if m:
+            at = int(m.group(1), 16)
+            insns.append((at, m.group(2)))
+    spans = []
+    for addr, text in insns:
+        b = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", text)
+        if b and where.get(b.group(1), addr + 1) <= addr:
+            spans.append((where[b.group(1)], addr))
+    inner = [(lo, hi) for lo, hi in spans
+             if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in spans)]  # fmt: skip
+    return sum(
+        1 for addr, text in insns
+        if re.search(r"\b(LDL|STL)\b", text) and any(lo <= addr <= hi for lo, hi in inner)
+    )
+
+
+def dump(folder: Path, name: str, c, ptx: str, sass: str) -> None:
+    """TTGIR, PTX and SASS of one kernel, for reading by hand."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.ttgir").write_text(c.asm["ttgir"])
+    (folder / f"{name}.ptx").write_text(ptx)
+    (folder / f"{name}.sass").write_text(sass)
+
+
 def main() -> None:
     import bench_attention as ba
 
@@ -48,6 +96,7 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="*", default=["_attn_bwd_dkdv", "_attn_bwd_dq"])
     ap.add_argument("--extra", nargs="*", default=[], help="NAME=int constexprs")
     ap.add_argument("--tma", action="store_true", help="USE_TMA: descriptor loads in the loops")
+    ap.add_argument("--dump", help="write <kernel>.ttgir / .ptx / .sass into this folder")
     ap.add_argument(
         "--pos-f32",
         type=int,
@@ -111,11 +160,15 @@ def main() -> None:
                 if sig[arg].startswith("*") or arg.startswith("stride_") or arg.endswith("_LEN"):
                     attrs[(j,)] = [["tt.divisibility", 16]]
         c, ptx, regs = build_sm90(fn, sig, constexprs, attrs, w, st)
+        sass = sass_of(c)
+        if a.dump:
+            dump(Path(a.dump), name, c, ptx, sass)
         print(
             f"{a.variant} D={D} {a.cfg} {name}: shared={c.metadata.shared} "
             f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
             f"red={len(_RED.findall(ptx))} tma={ptx.count('cp.async.bulk.tensor')} "
-            f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} | "
+            f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} "
+            f"loop_ldl_stl={loop_local_access(sass)} | "
             + " | ".join(regs)
         )
 
