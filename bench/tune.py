@@ -8,8 +8,10 @@ One process, same inputs for every implementation; each config is checked agains
     python bench/tune.py --template bench/exp/fwd_v0.py.tmpl ...   # A/B a template copy
 
 Forward configs are ``BMxBNwWsS[,tma|,notma]`` (``,tma``/``,notma``: ``USE_TMA`` on/off);
-backward ``M1,N1,M2,N2,wWsS[,a0|a1]`` (kernel_options keys; ``a1``/``a0``: ``DQ_ATOMIC``
-True/False; ``a0``/``a1`` alone keep the default tiles; ``,tma``/``,notma``: ``USE_TMA``).
+backward ``M1,N1,M2,N2,wWsS[/wWsS][,a0|a1][,dp0|dp1][,tma|notma]`` (kernel_options keys;
+``wWsS/wWsS``: the dK/dV kernel's warps and stages, then the dQ kernel's (``num_warps1``,
+``num_stages1``); ``a1``/``a0``: ``DQ_ATOMIC`` True/False; ``dp1``/``dp0``: ``DP_FIRST``, the
+dK/dV step order; ``,tma``/``,notma``: ``USE_TMA``; flags alone keep the default tiles).
 A trailing ``,gN`` (or ``gN`` alone) sets ``HEAD_GROUP=N``, the program order.
 """
 
@@ -51,24 +53,36 @@ def _head_group(s: str) -> tuple[str, dict]:
 
 
 def parse_bwd(s: str) -> dict:
-    s, group = _head_group(s)
-    for flag in ("tma", "notma"):  # USE_TMA on (also the dK/dV loop) / off
-        if s == flag or s.endswith("," + flag):
-            group["USE_TMA"] = flag == "tma"
-            s = s[: -len(flag)].rstrip(",")
-    if s in ("a0", "a1"):  # only DQ_ATOMIC (and the group): default tiles
-        return dict(DQ_ATOMIC=s == "a1", **group)
-    if not s:
-        return group
-    m = re.fullmatch(r"(\d+),(\d+),(\d+),(\d+),w(\d+)s(\d+)(?:,a([01]))?", s)
+    """``M1,N1,M2,N2,wWsS[/wWsS]`` then flags, any of them alone keeping the default tiles:
+    ``a0|a1`` (DQ_ATOMIC), ``tma|notma`` (USE_TMA), ``dp0|dp1`` (DP_FIRST), ``gN``
+    (HEAD_GROUP).  ``wWsS/wWsS``: the dK/dV kernel's warps/stages, then the dQ kernel's."""
+    opts: dict = {}
+    parts = s.split(",") if s else []
+    flags = {
+        "a0": ("DQ_ATOMIC", False),
+        "a1": ("DQ_ATOMIC", True),
+        "tma": ("USE_TMA", True),
+        "notma": ("USE_TMA", False),
+        "dp0": ("DP_FIRST", False),
+        "dp1": ("DP_FIRST", True),
+    }
+    while parts and (parts[-1] in flags or re.fullmatch(r"g\d+", parts[-1])):
+        flag = parts.pop()
+        key, value = flags[flag] if flag in flags else ("HEAD_GROUP", int(flag[1:]))
+        opts.setdefault(key, value)
+    if not parts:
+        return opts
+    m = re.fullmatch(r"(\d+),(\d+),(\d+),(\d+),w(\d+)s(\d+)(?:/w(\d+)s(\d+))?", ",".join(parts))
     if not m:
-        raise SystemExit(f"bad backward config {s!r}: want M1,N1,M2,N2,wWsS[,a0|a1][,gN]")
+        raise SystemExit(
+            f"bad backward config {s!r}: want M1,N1,M2,N2,wWsS[/wWsS][,a0|a1][,dp0|dp1]"
+            "[,tma|notma][,gN]"
+        )
     m1, n1, m2, n2, w, st = map(int, m.groups()[:6])
-    opts = dict(
-        BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st, **group
-    )
-    if m.group(7) is not None:  # a1: dQ by atomics in the dK/dV kernel, a0: its own kernel
-        opts["DQ_ATOMIC"] = m.group(7) == "1"
+    opts.update(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=w, num_stages=st)
+    if m.group(7) is not None:  # w4s2/w8s3: dK/dV's, then dQ's
+        opts.update(num_warps1=w, num_stages1=st, num_warps=int(m.group(7)))
+        opts["num_stages"] = int(m.group(8))
     return opts
 
 

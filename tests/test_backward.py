@@ -450,6 +450,46 @@ def test_backward_kernel_options():
     run_case(BY_NAME["rel_bias_causal"], Shape(L=50, S=70, block=(32, 32)), kernel_options=tiles)
 
 
+@pytest.mark.parametrize("order", [False, True])
+@pytest.mark.parametrize(
+    "name, shape, dtype",
+    [
+        ("causal_offset_masked_rows", Shape(L=33, S=40), torch.float32),  # fully masked rows
+        ("doc_with_bias", Shape(Hq=4, Hkv=2, L=17, S=29), torch.float32),  # GQA, gathers
+        ("alibi_learnable", Shape(E=24, Ev=40, L=20, S=33), torch.float32),  # E != Ev, grads
+        ("softcap_causal", Shape(L=257, S=17, block=(64, 16)), torch.bfloat16),
+    ],
+)
+def test_dkdv_step_order(name, shape, dtype, order):
+    """Both orders of the dK/dV step (DP_FIRST: dP^T's matmul before dV's; delta is dP^T's
+    initial accumulator either way) give the same gradients, whatever the default picks."""
+    opts = {"DP_FIRST": order}
+    run_case(BY_NAME[name], shape, dtype=dtype, return_lse=True, kernel_options=opts)
+
+
+def test_dp_first_default_and_dkdv_launch_options():
+    from attnforge.codegen import lower
+    from attnforge.dsl.api import as_mod
+    from attnforge.runtime.launch import choose_bwd_config, dp_first
+
+    doc = torch.zeros(8, dtype=torch.int64)
+    gathers = lower(None, as_mod(lambda b, h, q, kv: doc[q] == doc[kv], "mask"))
+    causal = lower(None, as_mod(lambda b, h, q, kv: q >= kv, "mask"))
+    assert dp_first(causal, {}) and not dp_first(gathers, {})  # gathers + dP^T early spill
+    assert dp_first(gathers, {"DP_FIRST": True}) and not dp_first(causal, {"DP_FIRST": False})
+    # num_warps / num_stages set both kernels; num_warps1 / num_stages1 only dK/dV's
+    q = torch.empty(1, 1, 64, 128)
+    pick = lambda **o: choose_bwd_config(q, q, (128, 128), o)  # noqa: E731
+    c = pick()
+    assert (c.num_warps1, c.num_stages1) == (c.num_warps, c.num_stages)
+    c = pick(num_warps=8, num_stages=3)
+    assert (c.num_warps, c.num_stages, c.num_warps1, c.num_stages1) == (8, 3, 8, 3)
+    c = pick(num_warps=8, num_stages=3, num_warps1=4, num_stages1=2)
+    assert (c.num_warps, c.num_stages, c.num_warps1, c.num_stages1) == (8, 3, 4, 2)
+    tiles = {"BLOCK_M1": 16, "BLOCK_N1": 32, "num_warps1": 4, "num_stages1": 2}
+    run_case(BY_NAME["rel_bias_causal"], Shape(L=50, S=70, block=(32, 32)), kernel_options=tiles)
+
+
 @pytest.mark.parametrize("group", [1, 2, 3, 7])
 @pytest.mark.parametrize("atomic", [False, True])
 def test_program_order_head_groups(group, atomic):
@@ -484,8 +524,8 @@ def _fake_launch(max_tile: int):
 
     def run(cfg):
         seen.append(cfg)
-        if cfg.BLOCK_M1 * cfg.num_stages > max_tile:
-            raise OutOfResources(cfg.BLOCK_M1 * cfg.num_stages, max_tile, "shared memory")
+        if cfg.BLOCK_M1 * cfg.num_stages1 > max_tile:
+            raise OutOfResources(cfg.BLOCK_M1 * cfg.num_stages1, max_tile, "shared memory")
 
     return run, seen
 
@@ -493,10 +533,13 @@ def _fake_launch(max_tile: int):
 def test_shrink_on_out_of_resources_is_remembered_and_keeps_user_tiles():
     from attnforge.runtime import launch
 
-    kernel, start = object(), launch.BwdConfig(64, 128, 128, 64, 8, 2)
+    def cfg(m1, stages1):  # dK/dV stages (num_stages1) shrink, dQ's are another kernel's
+        return launch.BwdConfig(m1, 128, 128, 64, 8, 2, num_warps1=8, num_stages1=stages1)
+
+    kernel, start = object(), cfg(64, 2)
     run, seen = _fake_launch(max_tile=64)
     got = launch.launch_shrinking(kernel, start, ("k",), {}, launch._DKDV_SHRINK, run)
-    assert got == launch.BwdConfig(32, 128, 128, 64, 8, 2)  # inner tile halved first
+    assert got == cfg(32, 2)  # inner tile halved first
     assert len(seen) == 2
     # the second launch of the same kernel/shape class goes straight to the working config
     assert launch.launch_shrinking(kernel, start, ("k",), {}, launch._DKDV_SHRINK, run) == got
@@ -505,7 +548,7 @@ def test_shrink_on_out_of_resources_is_remembered_and_keeps_user_tiles():
     run, seen = _fake_launch(max_tile=64)
     opts = {"BLOCK_M1": 64}
     got = launch.launch_shrinking(kernel, start, ("k",), opts, launch._DKDV_SHRINK, run)
-    assert got == launch.BwdConfig(64, 128, 128, 64, 8, 1)
+    assert got == cfg(64, 1)
     # ... and when nothing else can shrink, the error names the options to change
     run, _ = _fake_launch(max_tile=32)
     opts = {"BLOCK_M1": 64, "num_stages": 2}
@@ -653,7 +696,8 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
                   SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_Q=even, EVEN_KV=even,
                   HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32", TENSOR_GRADS=(1 << 8) - 1,
                   HAS_DLSE=True, DQ_ATOMIC=i != 1,  # dQ by atomics in the dK/dV kernel
-                  POS_F32=True, USE_TMA=i == 0)  # descriptor loads in both loops
+                  POS_F32=True, USE_TMA=i == 0,  # descriptor loads in both loops
+                  DP_FIRST=i != 2)  # both orders of the dK/dV step
     tiles = {{"_attn_bwd_preprocess": dict(BLOCK_M=128), "_attn_bwd_dkdv": dict(BLOCK_M=32,
              BLOCK_N=128), "_attn_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32)}}
     for name, tile in tiles.items():

@@ -92,6 +92,9 @@ def tune_bwd(call, q, k, base, shape: tuple, need_dq: bool, run: Callable) -> An
         options.setdefault("DQ_ATOMIC", base.DQ_ATOMIC)
     tiles = {"BLOCK_M1": call.block_mask.BLOCK_SIZE[0]}
     found = candidates(base, choices, options, tiles)
+    if "num_stages1" not in options and base.num_stages1 == base.num_stages:
+        # the stages axis moves both kernels' stages (dK/dV's own num_stages1 follows it)
+        found = list(dict.fromkeys(dataclasses.replace(c, num_stages1=c.num_stages) for c in found))
     return _tuned("bwd", call, q, k, base, (*shape, need_dq), found, run)
 
 

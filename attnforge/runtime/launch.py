@@ -38,8 +38,9 @@ __all__ = [
 KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_M": "forward query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N": "forward key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
-    "num_warps": "forward warps per program",
-    "num_stages": "forward software-pipelining stages",
+    "num_warps": "forward warps per program (also the backward's, unless num_warps1 is set)",
+    "num_stages": "forward software-pipelining stages (also the backward's, unless num_stages1 "
+    "is set)",
     "USE_TMA": "load tiles with the Hopper tensor-memory accelerator (bool; default on for "
     "16-bit inputs on sm_90+ in the forward and the backward's dQ loop; True also in the dK/dV "
     "loop; inputs it cannot describe fall back to pointer loads)",
@@ -47,6 +48,12 @@ KERNEL_OPTIONS: dict[str, str] = {
     "BLOCK_N1": "backward dK/dV key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
     "BLOCK_M2": "backward dQ query tile (power of two >= 16 dividing BLOCK_SIZE[0])",
     "BLOCK_N2": "backward dQ key tile (power of two >= 16 dividing BLOCK_SIZE[1])",
+    "num_warps1": "backward dK/dV kernel warps (default: num_warps); 4 with BLOCK_N1=64 "
+    "fits two programs per SM at head dim 128",
+    "num_stages1": "backward dK/dV kernel pipelining stages (default: num_stages)",
+    "DP_FIRST": "backward dK/dV loop order (bool): the dP^T matmul before dV's, so exp2 and dT "
+    "overlap the tensor cores (default True unless the mask reads captured tensors, where "
+    "ptxas spills)",
     "HEAD_GROUP": "program order: heads per group (int >= 1); each group runs its heaviest "
     "tiles first (default: sized so the grid ends on light tiles and a group's K/V fits in L2)",
     "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
@@ -54,7 +61,7 @@ KERNEL_OPTIONS: dict[str, str] = {
     "torch.use_deterministic_algorithms unless set here), False (default) computes it in its "
     "own kernel (bit-reproducible)",
 }
-_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA"})
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
@@ -542,7 +549,7 @@ _SHRUNK: dict = {}
 # (field, floor) steps, tried in order: tiles halve, num_stages drops by one.  Narrow the
 # inner-loop tile first (it is what the pipeline stages multiply), then the stages, then the rest.
 _FWD_SHRINK = (("BLOCK_N", 64), ("num_stages", 2), ("BLOCK_N", _MIN_TILE))
-_DKDV_SHRINK = (("BLOCK_M1", 32), ("num_stages", 1), ("BLOCK_M1", _MIN_TILE),
+_DKDV_SHRINK = (("BLOCK_M1", 32), ("num_stages1", 1), ("BLOCK_M1", _MIN_TILE),
                 ("BLOCK_N1", _MIN_TILE))  # fmt: skip
 _DQ_SHRINK = (("BLOCK_N2", 32), ("num_stages", 1), ("BLOCK_N2", _MIN_TILE),
               ("BLOCK_M2", _MIN_TILE))  # fmt: skip
@@ -552,15 +559,23 @@ def _shrink(cfg, plan: tuple, fixed) -> Any:
     """The next smaller config along ``plan`` leaving ``fixed`` fields alone, or None."""
     for name, floor in plan:
         value = getattr(cfg, name)
-        if name not in fixed and value > floor:
-            return replace(cfg, **{name: value - 1 if name == "num_stages" else value // 2})
+        if name not in fixed and value is not None and value > floor:
+            stages = name.startswith("num_stages")
+            return replace(cfg, **{name: value - 1 if stages else value // 2})
     return None
+
+
+def _fixed(options: dict, plan: tuple) -> frozenset:
+    """The fields of ``plan`` the user set: num_stages given for both backward kernels fixes
+    the dK/dV kernel's num_stages1 too."""
+    names = set(options) | ({"num_stages1"} if "num_stages" in options else set())
+    return frozenset(names).intersection(f for f, _ in plan)
 
 
 def launch_shrinking(kernel, cfg, shape_key: tuple, options: dict, plan: tuple, run) -> Any:
     """``run(cfg)`` with the config remembered for this kernel/shape class, shrinking along
     ``plan`` while Triton reports OutOfResources; returns the config that ran."""
-    fixed = frozenset(options).intersection(f for f, _ in plan)
+    fixed = _fixed(options, plan)
     key = (id(kernel), cfg, shape_key, fixed)
     tried = cfg = _SHRUNK.get(key, (None, cfg))[1]
     while True:
@@ -570,7 +585,9 @@ def launch_shrinking(kernel, cfg, shape_key: tuple, options: dict, plan: tuple, 
         except OutOfResources as e:
             smaller = _shrink(cfg, plan, fixed)
             if smaller is None:
-                raise _too_big(kernel, tried, cfg, fixed, e) from e
+                # name the options as the user wrote them (num_stages fixed num_stages1)
+                named = {"num_stages" if f not in options else f for f in fixed}
+                raise _too_big(kernel, tried, cfg, frozenset(named), e) from e
             _SHRUNK[key] = (kernel, smaller)
             cfg = smaller
 
@@ -603,7 +620,7 @@ def precompile(options: dict, jobs: list) -> None:
     for kernel, args, kw, shrink in jobs:
         if shrink is not None:
             cfg, shape_key, plan = shrink
-            fixed = frozenset(options).intersection(f for f, _ in plan)
+            fixed = _fixed(options, plan)
             cfg = _SHRUNK.get((id(kernel), cfg, shape_key, fixed), (None, cfg))[1]
             kw = kw(cfg)
             args = args(cfg) if callable(args) else args
@@ -750,10 +767,12 @@ class BwdConfig:
     BLOCK_N1: int  # dK/dV kernel: keys per program
     BLOCK_M2: int  # dQ kernel: query rows per program (also the preprocess tile)
     BLOCK_N2: int  # dQ kernel: keys per inner step
-    num_warps: int
+    num_warps: int  # dQ (and preprocess) kernel; also dK/dV's unless num_warps1 is set
     num_stages: int
     DQ_ATOMIC: bool = False  # dQ by atomics in the dK/dV kernel (see use_dq_atomic)
     USE_TMA: bool = False  # the loops' Q/dO (dK/dV) and K/V (dQ) tiles through TMA
+    num_warps1: int | None = None  # dK/dV kernel (None: num_warps; choose_bwd_config fills it)
+    num_stages1: int | None = None
 
 
 def _default_bwd(
@@ -786,8 +805,8 @@ def choose_bwd_config(
     costly_score: bool = False,
 ) -> BwdConfig:
     """Backward tiles for the device/dtype/head dim, overridden by ``kernel_options``
-    (``BLOCK_M1 BLOCK_N1 BLOCK_M2 BLOCK_N2 num_warps num_stages``); tiles divide the block
-    mask's (Q_BLOCK, KV_BLOCK)."""
+    (``BLOCK_M1 BLOCK_N1 BLOCK_M2 BLOCK_N2 num_warps num_stages num_warps1 num_stages1``);
+    tiles divide the block mask's (Q_BLOCK, KV_BLOCK)."""
     d_pad = max(head_dim_pad(q.shape[-1]), head_dim_pad(v.shape[-1]))
     base = _default_bwd(q.device, q.dtype, d_pad, costly_score)
     which = {"M": (block_size[0], "Q_BLOCK (BLOCK_SIZE[0])"),
@@ -797,12 +816,21 @@ def choose_bwd_config(
         block, what = which[name[-2]]
         return _tile(name, options.get(name, getattr(base, name)), block, what, name in options)
 
+    def per_kernel(name: str) -> tuple[int, int]:
+        # the dK/dV value: its own option, else the one for both kernels, else the default's
+        both = options.get(name, getattr(base, name))
+        own = getattr(base, name + "1") if name not in options else None
+        return both, options.get(name + "1", own or both)
+
+    (warps, warps1), (stages, stages1) = per_kernel("num_warps"), per_kernel("num_stages")
     return BwdConfig(
         *(tile(n) for n in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")),
-        num_warps=options.get("num_warps", base.num_warps),
-        num_stages=options.get("num_stages", base.num_stages),
+        num_warps=warps,
+        num_stages=stages,
         DQ_ATOMIC=options.get("DQ_ATOMIC", base.DQ_ATOMIC),
         USE_TMA=options.get("USE_TMA", base.USE_TMA),
+        num_warps1=warps1,
+        num_stages1=stages1,
     )
 
 
@@ -815,6 +843,14 @@ def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
     if tensor_grads != 0 or not cfg.DQ_ATOMIC:
         return False
     return "DQ_ATOMIC" in options or not torch.are_deterministic_algorithms_enabled()
+
+
+def dp_first(lowered, options: dict) -> bool:
+    """The dK/dV loop's order (``DP_FIRST``): dP^T's matmul before dV's unless the mask reads
+    captured tensors (document masks: its gathers plus the early dP^T tile spill inside the
+    loop, ptxas sm_90 D=128), or as ``kernel_options["DP_FIRST"]`` says."""
+    gathers = any(s.kind == "tensor" for s in lowered.mask_slots)
+    return options.get("DP_FIRST", not gathers)
 
 
 def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) -> tuple:
@@ -963,6 +999,7 @@ def _bwd_kernels(
     # register-bound kernel more spills (ptxas: 24 -> 64 bytes, causal D=128) than they save
     tma = cfg.USE_TMA and _tma_describable((head_dim_pad(E), head_dim_pad(Ev)), (q, k, v, d_out))
     tma_dkdv = tma and call.options.get("USE_TMA", False)
+    order = dp_first(call.lowered, call.options)
 
     def dkdv_args(c: BwdConfig) -> tuple:
         descs = (_descriptor(q, c.BLOCK_M1), _descriptor(d_out, c.BLOCK_M1)) if _tma_on(
@@ -983,7 +1020,8 @@ def _bwd_kernels(
     def dkdv_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
                     DQ_ATOMIC=dq_in_dkdv, USE_TMA=_tma_on(tma_dkdv, c.BLOCK_M1),
-                    num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
+                    DP_FIRST=order, num_warps=c.num_warps1 or c.num_warps,
+                    num_stages=c.num_stages1 or c.num_stages, **consts)  # fmt: skip
 
     # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
     #    safe for the atomics: it is raised when the binary loads, before anything runs) --
@@ -1011,7 +1049,7 @@ def _bwd_kernels(
                     TENSOR_GRADS=bits, HAS_DLSE=has_dlse, USE_TMA=_tma_on(tma, c.BLOCK_N2),
                     num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
-    dkdv_key = (*shape_key, has_full_q, dq_in_dkdv)
+    dkdv_key = (*shape_key, has_full_q, dq_in_dkdv, order)
     dq_key = (*shape_key, has_full, bits, has_dlse)
     # delta comes from the dQ kernel, which then runs first, or from the preprocess kernel
     jobs = [(dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK))] if run_dq_kernel else [

@@ -73,7 +73,8 @@ def loop_local_access(sass: str) -> int:
     inner = [(lo, hi) for lo, hi in spans
              if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in spans)]  # fmt: skip
     return sum(
-        1 for addr, text in insns
+        1
+        for addr, text in insns
         if re.search(r"\b(LDL|STL)\b", text) and any(lo <= addr <= hi for lo, hi in inner)
     )
 
@@ -131,6 +132,7 @@ def main() -> None:
         DQ_ATOMIC=atomic,
         USE_TMA=a.tma,
         POS_F32=bool(a.pos_f32),
+        DP_FIRST=True,  # --extra DP_FIRST=0: the other order
     )
     for e in a.extra:
         k_, v_ = e.split("=")
@@ -168,8 +170,7 @@ def main() -> None:
             f"wgmma={ptx.count('wgmma.mma_async')} atom={ptx.count('atom.global')} "
             f"red={len(_RED.findall(ptx))} tma={ptx.count('cp.async.bulk.tensor')} "
             f"cp.async={ptx.count('cp.async.cg')} i2f={ptx.count('cvt.rn.f32.s32')} "
-            f"loop_ldl_stl={loop_local_access(sass)} | "
-            + " | ".join(regs)
+            f"loop_ldl_stl={loop_local_access(sass)} | " + " | ".join(regs)
         )
 
 
