@@ -452,18 +452,19 @@ def test_backward_kernel_options():
 
 @pytest.mark.parametrize("order", [False, True])
 @pytest.mark.parametrize(
-    "name, shape, dtype",
+    "name, shape, dtype, atomic",
     [
-        ("causal_offset_masked_rows", Shape(L=33, S=40), torch.float32),  # fully masked rows
-        ("doc_with_bias", Shape(Hq=4, Hkv=2, L=17, S=29), torch.float32),  # GQA, gathers
-        ("alibi_learnable", Shape(E=24, Ev=40, L=20, S=33), torch.float32),  # E != Ev, grads
-        ("softcap_causal", Shape(L=257, S=17, block=(64, 16)), torch.bfloat16),
+        ("causal_offset_masked_rows", Shape(L=33, S=40), torch.float32, False),  # masked rows
+        ("doc_with_bias", Shape(Hq=4, Hkv=2, L=17, S=29), torch.float32, False),  # GQA, gathers
+        ("alibi_learnable", Shape(E=24, Ev=40, L=20, S=33), torch.float32, False),  # E != Ev
+        ("softcap_causal", Shape(L=257, S=17, block=(64, 16)), torch.bfloat16, False),
+        ("causal_offset_masked_rows", Shape(L=33, S=40), torch.float16, True),  # delta unfolded
     ],
 )
-def test_dkdv_step_order(name, shape, dtype, order):
-    """Both orders of the dK/dV step (DP_FIRST: dP^T's matmul before dV's; delta is dP^T's
-    initial accumulator either way) give the same gradients, whatever the default picks."""
-    opts = {"DP_FIRST": order}
+def test_dkdv_step_order(name, shape, dtype, atomic, order):
+    """Both orders of the dK/dV step (DP_FIRST: dP^T's matmul before dV's; without DQ_ATOMIC
+    delta is dP^T's initial accumulator) give the same gradients, whatever the default picks."""
+    opts = {"DP_FIRST": order, "DQ_ATOMIC": atomic}
     run_case(BY_NAME[name], shape, dtype=dtype, return_lse=True, kernel_options=opts)
 
 
@@ -477,6 +478,7 @@ def test_dp_first_default_and_dkdv_launch_options():
     causal = lower(None, as_mod(lambda b, h, q, kv: q >= kv, "mask"))
     assert dp_first(causal, {}) and not dp_first(gathers, {})  # gathers + dP^T early spill
     assert dp_first(gathers, {"DP_FIRST": True}) and not dp_first(causal, {"DP_FIRST": False})
+    assert not dp_first(causal, {}, dq_atomic=True)  # the atomics' dQ tile: old order
     # num_warps / num_stages set both kernels; num_warps1 / num_stages1 only dK/dV's
     q = torch.empty(1, 1, 64, 128)
     pick = lambda **o: choose_bwd_config(q, q, (128, 128), o)  # noqa: E731

@@ -52,8 +52,8 @@ KERNEL_OPTIONS: dict[str, str] = {
     "fits two programs per SM at head dim 128",
     "num_stages1": "backward dK/dV kernel pipelining stages (default: num_stages)",
     "DP_FIRST": "backward dK/dV loop order (bool): the dP^T matmul before dV's, so exp2 and dT "
-    "overlap the tensor cores (default True unless the mask reads captured tensors, where "
-    "ptxas spills)",
+    "overlap the tensor cores (default True unless the mask reads captured tensors or "
+    "DQ_ATOMIC is on: ptxas spills there)",
     "HEAD_GROUP": "program order: heads per group (int >= 1); each group runs its heaviest "
     "tiles first (default: sized so the grid ends on light tiles and a group's K/V fits in L2)",
     "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
@@ -845,12 +845,12 @@ def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
     return "DQ_ATOMIC" in options or not torch.are_deterministic_algorithms_enabled()
 
 
-def dp_first(lowered, options: dict) -> bool:
-    """The dK/dV loop's order (``DP_FIRST``): dP^T's matmul before dV's unless the mask reads
-    captured tensors (document masks: its gathers plus the early dP^T tile spill inside the
-    loop, ptxas sm_90 D=128), or as ``kernel_options["DP_FIRST"]`` says."""
+def dp_first(lowered, options: dict, dq_atomic: bool = False) -> bool:
+    """The dK/dV loop's order (``DP_FIRST``), as ``kernel_options["DP_FIRST"]`` says, else dP^T's
+    matmul before dV's unless the mask reads captured tensors (document masks) or dQ comes by
+    atomics: there the early dP^T tile spills inside the loop (ptxas sm_90, D=128)."""
     gathers = any(s.kind == "tensor" for s in lowered.mask_slots)
-    return options.get("DP_FIRST", not gathers)
+    return options.get("DP_FIRST", not (gathers or dq_atomic))
 
 
 def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) -> tuple:
@@ -975,6 +975,7 @@ def _bwd_kernels(
     # -- dQ: atomics into dq_acc inside the dK/dV kernel, or the dQ kernel (see use_dq_atomic) --
     atomic = use_dq_atomic(cfg, call.options, bits)
     dq_in_dkdv = atomic and need_dq
+    order = dp_first(call.lowered, call.options, dq_in_dkdv)
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
     dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
     if dq_in_dkdv:
@@ -999,7 +1000,6 @@ def _bwd_kernels(
     # register-bound kernel more spills (ptxas: 24 -> 64 bytes, causal D=128) than they save
     tma = cfg.USE_TMA and _tma_describable((head_dim_pad(E), head_dim_pad(Ev)), (q, k, v, d_out))
     tma_dkdv = tma and call.options.get("USE_TMA", False)
-    order = dp_first(call.lowered, call.options)
 
     def dkdv_args(c: BwdConfig) -> tuple:
         descs = (_descriptor(q, c.BLOCK_M1), _descriptor(d_out, c.BLOCK_M1)) if _tma_on(
