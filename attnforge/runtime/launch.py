@@ -793,7 +793,14 @@ def _default_bwd(
     if head_dim_pad <= 64:
         return BwdConfig(64, 64, 64, 64, 4, 3, DQ_ATOMIC=False, USE_TMA=tma)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=costly_score, USE_TMA=tma)
+        if costly_score:
+            return BwdConfig(64, 128, 128, 64, 8, 3, DQ_ATOMIC=True, USE_TMA=tma)
+        # dK/dV as one warpgroup over 64 keys, 2 CTAs per SM (98 KB shared, 255 registers x
+        # 128 threads): one CTA's exp2/dS math overlaps the other's wgmma.  H100 A/B (session
+        # 5): noop 420 vs 406-416 TF/s, causal 411 vs 401-408, document 276 vs 259-261, alibi
+        # 386 vs 391-393 (noise is +-3%).  dQ keeps 128 query rows, 8 warps, 3 stages
+        return BwdConfig(64, 64, 128, 64, 8, 3, DQ_ATOMIC=False, USE_TMA=tma,
+                         num_warps1=4, num_stages1=2)  # fmt: skip
     return BwdConfig(32, 64, 64, 32, 4, 1)
 
 
@@ -846,11 +853,11 @@ def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
 
 
 def dp_first(lowered, options: dict, dq_atomic: bool = False) -> bool:
-    """The dK/dV loop's order (``DP_FIRST``), as ``kernel_options["DP_FIRST"]`` says, else dP^T's
-    matmul before dV's unless the mask reads captured tensors (document masks) or dQ comes by
-    atomics: there the early dP^T tile spills inside the loop (ptxas sm_90, D=128)."""
-    gathers = any(s.kind == "tensor" for s in lowered.mask_slots)
-    return options.get("DP_FIRST", not (gathers or dq_atomic))
+    """The dK/dV loop's order (``DP_FIRST``), as ``kernel_options["DP_FIRST"]`` says; off by
+    default.  On the H100 (bench/NOTES.md, session 5 A/B) dP^T's matmul first was no faster
+    (noop 395-406 vs 406-416 TF/s, alibi 346-382 vs 391-393), and with captured-tensor masks
+    or dQ by atomics its early dP^T tile spills inside the loop (ptxas sm_90, D=128)."""
+    return options.get("DP_FIRST", False)
 
 
 def _grad_buffers(call: KernelCall, tensors: list, needs: list[bool], device) -> tuple:
