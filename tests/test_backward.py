@@ -563,7 +563,13 @@ def test_default_backward_tiles_follow_measurements():
     from attnforge.runtime.launch import BwdConfig, _default_bwd
 
     cuda = torch.device("cuda")
-    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(64, 128, 128, 64, 8, 3, False)
+    # D=128: dK/dV one warpgroup over 64 keys (2 CTAs per SM), dQ 128 rows x 8 warps
+    assert _default_bwd(cuda, torch.bfloat16, 128) == BwdConfig(
+        64, 64, 128, 64, 8, 3, False, num_warps1=4, num_stages1=2
+    )
+    assert _default_bwd(cuda, torch.bfloat16, 128, costly_score=True) == BwdConfig(
+        64, 128, 128, 64, 8, 3, True
+    )
     # a score mod with a non-constant derivative (softcap) takes dQ by atomics at D=128
     assert _default_bwd(cuda, torch.bfloat16, 128, costly_score=True).DQ_ATOMIC
     assert not _default_bwd(cuda, torch.bfloat16, 64, costly_score=True).DQ_ATOMIC
