@@ -58,6 +58,16 @@ def _tile_start(
 
 
 @gluon.jit
+def _issue_load(desc, bars, ring, t, start, off_zk, off_hkv, n_tiles, NUM_STAGES: gl.constexpr):
+    # TMA of kv tile t (rows start..) into its ring slot; nothing past the last tile
+    slot = t % NUM_STAGES
+    mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=t < n_tiles)
+    tma.async_copy_global_to_shared(
+        desc, [off_zk, off_hkv, start, 0], bars.index(slot), ring.index(slot), pred=t < n_tiles
+    )
+
+
+@gluon.jit
 def _attn_fwd_sm90(
     Q_DESC,
     K_DESC,
@@ -163,7 +173,6 @@ def _attn_fwd_sm90(
     n_pt = n_part * TPB
     n_tiles = n_pt + n_full * TPB
 
-    kv_bytes: gl.constexpr = K_DESC.block_type.nbytes
     for i in gl.static_range(NUM_STAGES):
         st = _tile_start(
             i,
@@ -177,15 +186,9 @@ def _attn_fwd_sm90(
             SPARSE_KV_BLOCK,
             BLOCK_N,
         )
-        mbarrier.expect(k_bars.index(i), kv_bytes, pred=i < n_tiles)
-        tma.async_copy_global_to_shared(
-            K_DESC, [off_zk, off_hkv, st, 0], k_bars.index(i), k_smem.index(i), pred=i < n_tiles
-        )
+        _issue_load(K_DESC, k_bars, k_smem, i, st, off_zk, off_hkv, n_tiles, NUM_STAGES)
         if i < NUM_STAGES - 1:
-            mbarrier.expect(v_bars.index(i), kv_bytes, pred=i < n_tiles)
-            tma.async_copy_global_to_shared(
-                V_DESC, [off_zk, off_hkv, st, 0], v_bars.index(i), v_smem.index(i), pred=i < n_tiles
-            )
+            _issue_load(V_DESC, v_bars, v_smem, i, st, off_zk, off_hkv, n_tiles, NUM_STAGES)
 
     c = sm_scale * LOG2E
     offs_m = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
@@ -275,24 +278,8 @@ def _attn_fwd_sm90(
         # all loads of the iteration are issued here, behind one CTA barrier (each TMA issue
         # into a slot the two warpgroups read needs one, and each barrier re-couples them):
         # K_j's slot takes K_{j+S} (S_j done last iteration), V_{j-1}'s takes V_{j-1+S}
-        kslot = tk % NUM_STAGES
-        mbarrier.expect(k_bars.index(kslot), kv_bytes, pred=tk < n_tiles)
-        tma.async_copy_global_to_shared(
-            K_DESC,
-            [off_zk, off_hkv, start_k, 0],
-            k_bars.index(kslot),
-            k_smem.index(kslot),
-            pred=tk < n_tiles,
-        )
-        vslot = tv % NUM_STAGES
-        mbarrier.expect(v_bars.index(vslot), kv_bytes, pred=tv < n_tiles)
-        tma.async_copy_global_to_shared(
-            V_DESC,
-            [off_zk, off_hkv, start_v, 0],
-            v_bars.index(vslot),
-            v_smem.index(vslot),
-            pred=tv < n_tiles,
-        )
+        _issue_load(K_DESC, k_bars, k_smem, tk, start_k, off_zk, off_hkv, n_tiles, NUM_STAGES)
+        _issue_load(V_DESC, v_bars, v_smem, tv, start_v, off_zk, off_hkv, n_tiles, NUM_STAGES)
         # 3. issue S_{j+1} (past the last tile: a discarded product of stale smem), then PV_j
         slot1 = t1 % NUM_STAGES
         mbarrier.wait(k_bars.index(slot1), (t1 // NUM_STAGES) & 1, pred=t1 < n_tiles)
