@@ -937,6 +937,8 @@ class Launcher:
         def finalize(kernel) -> None:
             kernel_cache[key] = kernel
 
+        if _submit_takes_cleanup(mode):  # Triton >= 3.7: a cleanup for a failed compile
+            return mode.submit(store_key, compile_fn, finalize, lambda _future: None)
         return mode.submit(store_key, compile_fn, finalize)
 
     # -- kept binaries indexed by the launch key: a new process skips the binder --
@@ -1184,3 +1186,16 @@ def _debug(msg: str, *args) -> None:
     from . import cache
 
     cache._debug(msg, *args)
+
+
+@functools.cache
+def _submit_params(mode_type: type) -> int:
+    import inspect
+
+    return len(inspect.signature(mode_type.submit).parameters)
+
+
+def _submit_takes_cleanup(mode) -> bool:
+    # AsyncCompileMode.submit(key, compile_fn, finalize_fn[, cleanup_fn]): the cleanup runs when
+    # the compile raised; nothing is registered before finalize here, so it has nothing to undo
+    return _submit_params(type(mode)) >= 5
