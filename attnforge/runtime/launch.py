@@ -852,7 +852,7 @@ def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
     return "DQ_ATOMIC" in options or not torch.are_deterministic_algorithms_enabled()
 
 
-def dp_first(lowered, options: dict, dq_atomic: bool = False) -> bool:
+def dp_first(options: dict) -> bool:
     """The dK/dV loop's order (``DP_FIRST``), as ``kernel_options["DP_FIRST"]`` says; off by
     default.  On the H100 (bench/NOTES.md, session 5 A/B) dP^T's matmul first was no faster
     (noop 395-406 vs 406-416 TF/s, alibi 346-382 vs 391-393), and with captured-tensor masks
@@ -982,7 +982,7 @@ def _bwd_kernels(
     # -- dQ: atomics into dq_acc inside the dK/dV kernel, or the dQ kernel (see use_dq_atomic) --
     atomic = use_dq_atomic(cfg, call.options, bits)
     dq_in_dkdv = atomic and need_dq
-    order = dp_first(call.lowered, call.options, dq_in_dkdv)
+    order = dp_first(call.options)
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
     dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
     if dq_in_dkdv:

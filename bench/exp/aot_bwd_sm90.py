@@ -132,7 +132,7 @@ def main() -> None:
         DQ_ATOMIC=atomic,
         USE_TMA=a.tma,
         POS_F32=bool(a.pos_f32),
-        DP_FIRST=not atomic,  # launch.dp_first's default but for gathering masks (--extra)
+        DP_FIRST=False,  # launch.dp_first's default (--extra DP_FIRST=1: the other order)
     )
     for e in a.extra:
         k_, v_ = e.split("=")
