@@ -102,8 +102,16 @@ def _emit_fwd(low: Lowered) -> str:
     return emit.emit_fwd(low.key, low.score, low.mask, low.score_slots, low.mask_slots)
 
 
+def _emit_fwd_ws(low: Lowered) -> str:
+    return emit.emit_fwd_ws(_emit_fwd(low), low.score_slots, low.mask_slots)
+
+
 # file name -> source builder
-EMITTERS: dict[str, Callable[[Lowered], str]] = {"fwd.py": _emit_fwd, "bwd.py": grad.emit_bwd}
+EMITTERS: dict[str, Callable[[Lowered], str]] = {
+    "fwd.py": _emit_fwd,
+    "bwd.py": grad.emit_bwd,
+    "fwd_ws.py": _emit_fwd_ws,
+}
 
 
 def _slots(root: Node | None, mod: str, first: int) -> tuple[ParamSlot, ...]:

@@ -168,3 +168,15 @@ def emit_fwd(
         "mask_params": call_params(mask_slots),
     }
     return fill(template("fwd.py.tmpl"), holes, "fwd.py.tmpl")
+
+
+def emit_fwd_ws(fwd_source: str, score_slots, mask_slots) -> str:
+    """The warp-specialised Hopper forward (Gluon, ``templates/fwd_ws.py.tmpl``) appended to the
+    forward module ``fwd_source``, whose prelude and mods it calls.  A file of its own: importing
+    Gluon costs time, and only an sm_90 launch needs it."""
+    holes = {
+        "param_args": param_arg_lines([*score_slots, *mask_slots]),
+        "score_params": call_params(score_slots),
+        "mask_params": call_params(mask_slots),
+    }
+    return fwd_source + fill(template("fwd_ws.py.tmpl"), holes, "fwd_ws.py.tmpl")

@@ -103,6 +103,26 @@ def load_kernels(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         return modules
 
 
+def load_ws(modules: dict[str, ModuleType]) -> ModuleType:
+    """The warp-specialised forward module (``fwd_ws.py``, Gluon) of the entry ``modules`` came
+    from, imported on its first use: importing Gluon costs time and only sm_90 launches need it."""
+    module = modules.get("fwd_ws")
+    if module is None:
+        fwd = modules["fwd"]
+        path = Path(fwd.__file__).with_name("fwd_ws.py")
+        key = fwd.__attnforge_key__
+        with _lock:
+            module = modules.get("fwd_ws")
+            if module is None:
+                t0 = time.perf_counter()
+                module = loader.load_module(path, fwd.__name__ + "_ws", interpret=False)
+                module.__attnforge_key__ = key
+                loader.install_launchers(module, BinaryStore(path.parent / _BINARIES / "fwd_ws"))
+                modules["fwd_ws"] = module
+                _stats.import_seconds += time.perf_counter() - t0
+    return module
+
+
 def cache_info() -> CacheInfo:
     """Counters and sizes of the kernel cache (``af.cache_info()``)."""
     with _lock:

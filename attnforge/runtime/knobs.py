@@ -146,6 +146,13 @@ _declare(
     "not retimed, by later processes); 0 uses the heuristic configs",
 )
 _declare(
+    "ATTNFORGE_FWD_WS",
+    "bool",
+    True,
+    "sm_90, 16-bit, head dim 64 or 128: run the forward as the warp-specialised Gluon kernel "
+    "(fwd_ws.py; each warpgroup its own partition); 0 uses the Triton kernel (fwd.py)",
+)
+_declare(
     "ATTNFORGE_INTERPRET",
     "bool",
     False,

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import torch
 from triton.runtime.errors import OutOfResources
 
-from . import autotune
+from ..dsl.ir import Op
+from . import autotune, cache, knobs, loader
 
 __all__ = [
     "FwdConfig",
@@ -56,12 +57,15 @@ KERNEL_OPTIONS: dict[str, str] = {
     "DQ_ATOMIC is on: ptxas spills there)",
     "HEAD_GROUP": "program order: heads per group (int >= 1); each group runs its heaviest "
     "tiles first (default: sized so the grid ends on light tiles and a group's K/V fits in L2)",
+    "FWD_WS": "forward on sm_90 (bool): the warp-specialised Gluon kernel (default where it "
+    "applies: 16-bit, head dim 64 or 128, BLOCK_SIZE multiples of 128, no BLOCK_M/BLOCK_N/"
+    "num_warps/num_stages given); False runs the Triton kernel",
     "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
     "kernel (fewer matmuls, but an fp32 buffer to fill and cast; not under "
     "torch.use_deterministic_algorithms unless set here), False (default) computes it in its "
     "own kernel (bit-reproducible)",
 }
-_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST"})
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
@@ -332,8 +336,8 @@ def _block_args(bm, lists) -> tuple[tuple, tuple, bool]:
     and their broadcasting strides.  Cached on the block mask (host overhead), keyed by the
     identity of the list tensors, so a reassigned field is picked up."""
     src = num, idx, fnum, fidx = lists(bm)
-    cache = bm.__dict__.setdefault("_launch_args", {})
-    hit = cache.get(lists)
+    seen = bm.__dict__.setdefault("_launch_args", {})
+    hit = seen.get(lists)
     if hit is not None:
         was = hit[0]
         if was[0] is num and was[1] is idx and was[2] is fnum and was[3] is fidx:
@@ -343,7 +347,7 @@ def _block_args(bm, lists) -> tuple[tuple, tuple, bool]:
         fnum, fidx = num, idx
     tensors = (num, idx, fnum, fidx)
     strides = tuple(s for t in tensors for s in _bm_strides(t))
-    cache[lists] = (src, (tensors, strides, has_full))
+    seen[lists] = (src, (tensors, strides, has_full))
     return tensors, strides, has_full
 
 
@@ -376,6 +380,9 @@ def launch_fwd(
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if L == 0 or B * Hq == 0:
         return out, lse
+    stages = ws_stages(call, q, k, v)
+    if stages:
+        return _launch_fwd_ws(call, q, k, v, tensors, out, lse, stages)
     bm, cfg = call.block_mask, call.config
     q_block, kv_block = bm.BLOCK_SIZE
     lists, bm_strides, has_full = _block_args(bm, kv_block_lists)
@@ -477,6 +484,138 @@ class _FwdPlan:
             call.memo.pop("fwd", None)
             return None
         return out, lse
+
+
+# -- the warp-specialised Hopper forward (Gluon, fwd_ws.py) ------------------------------------
+# Picked where it applies and nothing asks for the Triton kernel's knobs.  It reads Q in two
+# 64-row halves of a 128-row tile and K/V in 128-key tiles, all through TMA; both warpgroups use
+# the tile's one block-mask row, so the q block must be a multiple of 128.
+_WS_ROWS, _WS_BLOCK_M, _WS_BLOCK_N = 64, 128, 128
+_TRITON_FWD_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def ws_stages(call: KernelCall, q, k, v) -> int:
+    """The warp-specialised forward's K/V ring depth for this call, or 0: not applicable."""
+    opts = call.options
+    if not opts.get("FWD_WS", True) or any(o in opts for o in _TRITON_FWD_KNOBS):
+        return 0
+    E = q.shape[-1]
+    if (
+        E not in (64, 128)
+        or v.shape[-1] != E
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or not q.is_cuda
+        or not knobs.get("ATTNFORGE_FWD_WS")
+        or not _ws_device(q.device)
+        or autotune.active(q)
+    ):
+        return 0
+    q_block, kv_block = call.block_mask.BLOCK_SIZE
+    mask = call.lowered.mask
+    if q_block % _WS_BLOCK_M or kv_block % _WS_BLOCK_N:
+        return 0
+    if mask is not None and mask.op is Op.CONST:
+        return 0  # its [1, 1] tl.full tile has no Gluon layout
+    if not _tma_describable((_WS_ROWS, _WS_BLOCK_N, E, E), (q, k, v)):
+        return 0
+    return 2 if E == 128 else 3  # shared memory: Q 32 KB + stages x (K + V) of <= 64 KB
+
+
+@functools.cache
+def _ws_device(device: torch.device) -> bool:
+    """sm_90 (wgmma, setmaxnreg), compiled kernels, and a Triton whose Gluon has
+    warp_specialize and the Hopper modules (Triton >= 3.5)."""
+    if loader.is_interpreted(loader.device_kind(device)):
+        return False
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(gl, "warp_specialize")
+
+
+def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) -> tuple:
+    B, Hq, L, E = q.shape
+    S = k.shape[2]
+    bm = call.block_mask
+    q_block, kv_block = bm.BLOCK_SIZE
+    lists, bm_strides, has_full = _block_args(bm, kv_block_lists)
+    kernel = cache.load_ws(call.modules)._attn_fwd_ws
+    rest = (
+        *lists,
+        0 if k.shape[0] == 1 else k.stride(0), *out.stride()[:3],
+        *bm_strides,
+        Hq, call.gqa_group, L, S, call.scale,
+        head_group(call, triton_cdiv(L, _WS_BLOCK_M), B * Hq,
+                   S * 2 * E * q.element_size() // call.gqa_group, q.device),
+    )  # fmt: skip
+    params = tuple(_param_args(call.lowered, call.scalars, tensors))
+    kw = dict(
+        BLOCK_M=_WS_BLOCK_M,
+        SPARSE_Q_BLOCK=q_block,
+        SPARSE_KV_BLOCK=kv_block,
+        EVEN_KV=S % kv_block == 0,
+        HAS_FULL_BLOCKS=has_full,
+        SCALE_FOLDED=call.scale > 0 and call.lowered.score is None,
+        POS_F32=positions_f32(L, S),
+        NUM_STAGES=stages,
+        PINGPONG=False,
+        num_warps=4,
+    )
+    plan = _WsPlan(kernel, (triton_cdiv(L, _WS_BLOCK_M) * B * Hq,), kw, rest, len(params))
+    plan.launch(q, k, v, out, lse, params)
+    if call.memo is not None:
+        call.memo["fwd"] = plan
+    return out, lse
+
+
+class _WsPlan:
+    """A warp-specialised forward launch, kept for the next call of the same per-call plan (see
+    :class:`_FwdPlan`): only q, k, v, out, lse, their descriptors and the captured values are
+    new.  Returns None (full path) where an address lost the 16-byte alignment TMA needs."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params")
+
+    def __init__(self, kernel, grid, kwargs, rest, n_params):
+        self.kernel, self.grid, self.kwargs, self.rest = kernel, grid, kwargs, rest
+        self.n_params = n_params
+
+    def launch(self, q, k, v, out, lse, params: tuple) -> None:
+        descs = (_ws_descriptor(q, _WS_ROWS), _ws_descriptor(k, _WS_BLOCK_N),
+                 _ws_descriptor(v, _WS_BLOCK_N))  # fmt: skip
+        self.kernel[self.grid](*descs, out, lse, *self.rest, *params, **self.kwargs)
+
+    def __call__(self, call: KernelCall, q, k, v, tensors: list):
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return None
+        B, Hq, L, _ = q.shape
+        out = torch.empty((B, Hq, L, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+        params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
+        self.launch(q, k, v, out, lse, params)
+        return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def _ws_layout(block: tuple, dtype: torch.dtype):
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(
+        list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    )
+
+
+def _ws_descriptor(t: torch.Tensor, rows: int):
+    # a Gluon host descriptor (it carries the shared layout the kernel's rings use); layout
+    # checks as _descriptor's, done by ws_stages
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
+    return TensorDescriptor(t, shape, strides, block, _ws_layout(tuple(block), t.dtype))
 
 
 # -- TMA descriptors --------------------------------------------------------------------------
