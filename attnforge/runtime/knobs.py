@@ -138,6 +138,15 @@ _declare(
     "process launches them without Triton's argument binder; 0 finds them through Triton's path",
 )
 _declare(
+    "ATTNFORGE_FAST_TMA_LAUNCH",
+    "bool",
+    True,
+    "GPU (with ATTNFORGE_DIRECT_LAUNCH): a direct launch of a kernel with tensor-descriptor "
+    "arguments reuses each descriptor's encoded TMA map (keyed by address, dtype, shape, "
+    "strides, block, padding) and calls Triton's C launcher with the expanded arguments; 0 "
+    "leaves the expansion to Triton's launcher at every launch",
+)
+_declare(
     "ATTNFORGE_AUTOTUNE",
     "bool",
     False,
