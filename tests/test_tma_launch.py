@@ -122,7 +122,8 @@ def test_raw_launch_passes_what_tritons_wrapper_passes_and_reuses_maps(utils):
     assert both(q, q, k, v)[0] == 3  # first launch: every descriptor encoded
     encoded, args = both(q, q, k, v)
     assert encoded == 0  # the same descriptors: nothing encoded again
-    assert args[13] == q.data_ptr() and isinstance(args[14], _Map)
+    assert _kernel_args(args)[:2] == [q.data_ptr(), _kernel_args(calls[0])[1]]
+    assert isinstance(_kernel_args(args)[1], _Map)
     assert both(q, q, k, v, n=7)[0] == 0  # other arguments do not matter
     # a new address of one input: that descriptor (and only it) is encoded anew
     k2 = k.clone()
@@ -171,6 +172,12 @@ def test_key_has_every_descriptor_field(utils):
         t = big[i * 256 * 64 :].view(-1)[: 2 * 256 * 64].view(1, 2, 256, 64)
         launch_with(_desc(t, 128))
     assert all(len(m.maps) <= tma_launch._MAX_MAPS for m in _maps(fast))
+
+
+def _kernel_args(call: tuple) -> list:
+    """The kernel's (expanded) arguments of one C-launcher call: after the 13 base arguments on
+    triton 3.6, the last argument (a sequence) on triton >= 3.7."""
+    return list(call[-1]) if hasattr(nv, "expand_signature") else list(call[13:])
 
 
 def _maps(fast):
@@ -252,10 +259,11 @@ def test_launcher_direct_path_uses_the_raw_launch(tmp_path, monkeypatch, utils):
     launcher.launch_planned((2,), args, {"BLOCK": 128}, memo)  # full path once (new memo)
     launcher.launch_planned((2,), args, {"BLOCK": 128}, memo)  # planned: addresses as ints
     assert len(calls) == 3 and utils.encoded == before + 1  # reused: nothing encoded
-    assert calls[-1][13] == x.data_ptr() and calls[-1][14] == calls[0][14]
-    assert len(calls[-1]) == 13 + 5 + 8 + 1  # the descriptor expanded to map, shape, strides
+    planned = _kernel_args(calls[-1])
+    assert planned[0] == x.data_ptr() and planned[1] == _kernel_args(calls[0])[1]
+    assert len(planned) == 5 + 8 + 1  # the descriptor expanded to map, shape, strides
     # Triton's own wrapper passes the same
-    kernel._run(2, 1, 1, 1234, *calls[-1][4:5], calls[-1][9], None, None, None, x.data_ptr(),
-                *args[1:], 128)  # fmt: skip
-    assert calls[-1][:4] == calls[-2][:4] and calls[-1][5:] == calls[-2][5:]
+    function, packed = kernel.function, kernel.packed_metadata
+    kernel._run(2, 1, 1, 1234, function, packed, None, None, None, x.data_ptr(), *args[1:], 128)
+    assert calls[-1] == calls[-2]
     assert type(launcher._run_of(kernel)).__name__ in ("_Fast36", "_Fast39")
