@@ -267,3 +267,33 @@ def test_launcher_direct_path_uses_the_raw_launch(tmp_path, monkeypatch, utils):
     kernel._run(2, 1, 1, 1234, function, packed, None, None, None, x.data_ptr(), *args[1:], 128)
     assert calls[-1] == calls[-2]
     assert type(launcher._run_of(kernel)).__name__ in ("_Fast36", "_Fast39")
+
+
+@pytest.mark.gpu
+def test_gpu_raw_launch_matches_tritons_and_never_goes_stale(tmp_path, monkeypatch):
+    """H100: the forward's direct launches use the raw launch (TMA descriptors), its outputs
+    equal the knob-off launches bit for bit, also when freed inputs' addresses are reused for
+    other data and when the plan's inputs change shape (new descriptors)."""
+    import attnforge as af
+    from attnforge.runtime import cache
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a TMA GPU (sm_90+)")
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATTNFORGE_FAST_TMA_LAUNCH", raising=False)
+    cache.cache_clear()
+    masks = {L: af.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device="cuda")
+             for L in (256, 384)}  # fmt: skip
+
+    def run(seed, L, fast):
+        monkeypatch.setenv("ATTNFORGE_FAST_TMA_LAUNCH", "1" if fast else "0")
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(2, 4, L, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(3))  # fmt: skip
+        return af.flex_attention(q, k, v, block_mask=masks[L]).clone()
+
+    for seed, L in [(0, 256), (1, 256), (2, 256), (3, 384), (4, 256), (5, 384)] * 2:
+        assert torch.equal(run(seed, L, True), run(seed, L, False)), (seed, L)
+    launcher = next(iter(cache._memory.values()))["fwd"]._attn_fwd
+    kinds = {type(fast).__name__ for _, fast in launcher._runs.values()}
+    assert kinds & {"_Fast36", "_Fast39"}, kinds
