@@ -5,6 +5,7 @@ around a fake C launcher, a fake ``fill_tma_descriptor``."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -297,3 +298,16 @@ def test_gpu_raw_launch_matches_tritons_and_never_goes_stale(tmp_path, monkeypat
     launcher = next(iter(cache._memory.values()))["fwd"]._attn_fwd
     kinds = {type(fast).__name__ for _, fast in launcher._runs.values()}
     assert kinds & {"_Fast36", "_Fast39"}, kinds
+
+
+def test_fast_environ_read_agrees_with_os_environ(monkeypatch):
+    from attnforge.runtime import knobs
+
+    get = knobs.environ_get_fast("ATTNFORGE_TEST_FAST_READ")
+    monkeypatch.delenv("ATTNFORGE_TEST_FAST_READ", raising=False)
+    assert get() is None
+    for text in ("0", "1", " on ", "é"):
+        monkeypatch.setenv("ATTNFORGE_TEST_FAST_READ", text)
+        assert get() == os.environ.get("ATTNFORGE_TEST_FAST_READ") == text
+    monkeypatch.delenv("ATTNFORGE_TEST_FAST_READ")
+    assert get() is None

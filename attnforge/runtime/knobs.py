@@ -73,6 +73,23 @@ class Knob:
 _REGISTRY: dict[str, Knob] = {}
 
 
+def environ_get_fast(name: str):
+    """A zero-argument ``os.environ.get(name)`` for reads on every launch: a plain dict lookup
+    where ``os.environ`` keeps one (CPython on POSIX: ``_data`` with encoded keys, through which
+    every ``os.environ`` read and write goes, so the answer is the same; ~1 µs less a read)."""
+    env = os.environ
+    data, encode, decode = (getattr(env, n, None) for n in ("_data", "encodekey", "decodevalue"))
+    if type(data) is not dict or encode is None or decode is None:
+        return lambda: env.get(name)
+    key = encode(name)
+
+    def get() -> str | None:
+        raw = data.get(key)
+        return None if raw is None else decode(raw)
+
+    return get
+
+
 def _declare(name: str, type: str, default: Any, doc: str) -> Knob:
     if not name.startswith("ATTNFORGE_"):
         raise ValueError(f"knob {name!r} must start with ATTNFORGE_")

@@ -443,9 +443,12 @@ def _file_digest(path) -> str:
         return ""
 
 
+_direct_raw = _knobs.environ_get_fast(_DIRECT_KNOB)
+
+
 def _direct_enabled() -> bool:
     """``knobs.get("ATTNFORGE_DIRECT_LAUNCH")``, read at every call (as every knob is)."""
-    if os.environ.get(_DIRECT_KNOB) is None:
+    if _direct_raw() is None:
         return _DIRECT_DEFAULT
     return _knobs.get(_DIRECT_KNOB)
 

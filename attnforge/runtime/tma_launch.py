@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 from . import knobs as _knobs
 
@@ -38,9 +37,12 @@ _DEFAULT = bool(_knobs._lookup(_KNOB).default)
 _MAX_MAPS = 64  # expansions kept per descriptor argument (then start over)
 
 
+_raw = _knobs.environ_get_fast(_KNOB)
+
+
 def enabled() -> bool:
     """``knobs.get(_KNOB)``, read at every launch (as every knob is), cheaply."""
-    if os.environ.get(_KNOB) is None:
+    if _raw() is None:
         return _DEFAULT
     return _knobs.get(_KNOB)
 
