@@ -170,7 +170,8 @@ def profile(args) -> None:
 def gpu_overhead(args) -> None:
     """Real launches on CUDA, bench_attention's ``host_overhead`` case (B=1 H=1 S=128 D=64 bf16
     causal block mask, no grad): wall µs per call minus the kernel's GPU time, with
-    ``ATTNFORGE_DIRECT_LAUNCH`` on and off, and the split of one call (cProfile, direct on)."""
+    ``ATTNFORGE_DIRECT_LAUNCH`` and ``ATTNFORGE_FAST_TMA_LAUNCH`` on and off (one process), and
+    the split of one call (cProfile, both on)."""
     import os
 
     import triton.testing
@@ -194,16 +195,29 @@ def gpu_overhead(args) -> None:
             best = min(best, (time.perf_counter() - t0) / n * 1e6)
         return best
 
+    # (ATTNFORGE_DIRECT_LAUNCH, ATTNFORGE_FAST_TMA_LAUNCH): default, no raw TMA launch, no
+    # direct launch, default again (the machine drifts: the repeat shows how much)
+    settings = (("1", "1"), ("1", "0"), ("0", "1"), ("1", "1"))
+
+    def use(setting) -> str:
+        os.environ["ATTNFORGE_DIRECT_LAUNCH"], os.environ["ATTNFORGE_FAST_TMA_LAUNCH"] = setting
+        return f"DIRECT_LAUNCH={setting[0]} FAST_TMA_LAUNCH={setting[1]}"
+
     with torch.no_grad():
         gpu_us = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
-        for setting in ("1", "0", "1"):
-            os.environ["ATTNFORGE_DIRECT_LAUNCH"] = setting
+        outs = {}
+        for setting in settings:
+            label = use(setting)
             w = wall_us()
-            print(f"ATTNFORGE_DIRECT_LAUNCH={setting}: wall {w:.1f} us/call, gpu {gpu_us:.1f} us, "
+            outs[setting] = fn().clone()
+            print(f"{label}: wall {w:.1f} us/call, gpu {gpu_us:.1f} us, "
                   f"overhead {max(w - gpu_us, 0):.1f} us", flush=True)  # fmt: skip
+        same = all(torch.equal(o, outs[settings[0]]) for o in outs.values())
+        print(f"outputs bit-identical across settings: {same}; forward launched by: "
+              f"{_fwd_launch_kind()}", flush=True)  # fmt: skip
         # CPU time per call: bursts short enough that the launch queue never fills
-        for setting in ("1", "0", "1"):
-            os.environ["ATTNFORGE_DIRECT_LAUNCH"] = setting
+        for setting in settings:
+            label = use(setting)
             best = float("inf")
             for _ in range(30):
                 torch.cuda.synchronize()
@@ -212,8 +226,9 @@ def gpu_overhead(args) -> None:
                     fn()
                 best = min(best, (time.perf_counter() - t0) / 200 * 1e6)
             torch.cuda.synchronize()
-            print(f"ATTNFORGE_DIRECT_LAUNCH={setting}: host time {best:.1f} us/call (enqueue, "
-                  "best of 30 bursts of 200)", flush=True)  # fmt: skip
+            print(f"{label}: host time {best:.1f} us/call (enqueue, best of 30 bursts of 200)",
+                  flush=True)  # fmt: skip
+        use(settings[0])
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(10):
@@ -223,6 +238,16 @@ def gpu_overhead(args) -> None:
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def _fwd_launch_kind() -> str:
+    """What the forward's direct launches call: Triton's launcher or the raw TMA launch."""
+    for mods in cache._memory.values():
+        launcher = getattr(mods.get("fwd"), "_attn_fwd", None)
+        runs = getattr(launcher, "_runs", None)
+        if runs:
+            return ", ".join(sorted({type(fast).__name__ for _, fast in runs.values()}))
+    return "unknown (no direct launch recorded)"
 
 
 if __name__ == "__main__":

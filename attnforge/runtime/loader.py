@@ -443,9 +443,12 @@ def _file_digest(path) -> str:
         return ""
 
 
+_direct_raw = _knobs.environ_get_fast(_DIRECT_KNOB)
+
+
 def _direct_enabled() -> bool:
     """``knobs.get("ATTNFORGE_DIRECT_LAUNCH")``, read at every call (as every knob is)."""
-    if os.environ.get(_DIRECT_KNOB) is None:
+    if _direct_raw() is None:
         return _DIRECT_DEFAULT
     return _knobs.get(_DIRECT_KNOB)
 
@@ -552,6 +555,7 @@ class Launcher:
         self._indexed_n = 0  # launch-index records written by this process (capped)
         self._index_done: set = set()  # index keys read or written here
         self._options: dict = {}  # Triton kernel key -> the parsed options it was compiled with
+        self._runs: dict = {}  # id(kernel) -> (kernel, what a direct launch calls)
         self._device = self._stream = None
         self._globals = (None, ())  # (jit.used_global_vals checked, ((dict, name, object), ...))
         self._hooked = _hook_compile(self)
@@ -746,13 +750,24 @@ class Launcher:
             sub = layout.key(self._device(), args)
         if len(layout.kernels) >= _MAX_ENTRIES:
             layout.kernels.clear()
-        layout.kernels[sub] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        layout.kernels[sub] = (self._run_of(kernel), kernel.function, kernel.packed_metadata,
+                               kernel)  # fmt: skip
         try:
             saved = self._save(kernel, sub[0])
             if saved is not None:
                 self._write_index(kernel, lkey, sub, saved)
         except Exception as exc:  # noqa: BLE001 - keeping the binary is a speed-up only
             _debug("cannot keep the binary of %s: %r", self.jit, exc)
+
+    def _run_of(self, kernel):
+        """What a direct launch calls for ``kernel``: its launcher, or one that reuses encoded
+        tensor-descriptor arguments (``tma_launch``), built once per kernel."""
+        known = self._runs.get(id(kernel))
+        if known is None or known[0] is not kernel:
+            from . import tma_launch
+
+            known = self._runs[id(kernel)] = (kernel, tma_launch.fast_run(kernel))
+        return known[1]
 
     def _make_layout(self, types: tuple, args: tuple, kwargs: dict):
         import torch
@@ -998,7 +1013,7 @@ class Launcher:
             return None
         if kernel is None or kernel.function is None or not self._globals_current():
             return None  # not kept, or it raised at load (Triton's path raises it again)
-        entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        entry = (self._run_of(kernel), kernel.function, kernel.packed_metadata, kernel)
         if len(layout.kernels) >= _MAX_ENTRIES:
             layout.kernels.clear()
         layout.kernels[sub] = entry
