@@ -610,12 +610,15 @@ def _ws_layout(block: tuple, dtype: torch.dtype):
 
 
 def _ws_descriptor(t: torch.Tensor, rows: int):
-    # a Gluon host descriptor (it carries the shared layout the kernel's rings use); layout
-    # checks as _descriptor's, done by ws_stages
+    # a Gluon host descriptor (it carries the shared layout the kernel's rings use), built
+    # without its __post_init__ checks (host overhead): ws_stages checked what they assert
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
-    return TensorDescriptor(t, shape, strides, block, _ws_layout(tuple(block), t.dtype))
+    d = TensorDescriptor.__new__(TensorDescriptor)
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block,
+                      layout=_ws_layout(tuple(block), t.dtype), padding="zero")  # fmt: skip
+    return d
 
 
 # -- TMA descriptors --------------------------------------------------------------------------

@@ -410,7 +410,10 @@ def install_launchers(module: ModuleType, store=None) -> list[str]:
         from triton.runtime.jit import JITFunction
     except ImportError:  # pragma: no cover
         return []
-    jits = {n: v for n, v in vars(module).items() if type(v) is JITFunction}
+    # Gluon kernels too (fwd_ws.py): same binder, same CompiledKernel; matched by name so a
+    # module without them never imports Gluon
+    jits = {n: v for n, v in vars(module).items()
+            if type(v) is JITFunction or type(v).__name__ == "GluonJITFunction"}  # fmt: skip
     called: set = set()
     for value in jits.values():
         called |= _global_names(value.fn.__code__)
@@ -480,7 +483,7 @@ def _desc_key(d) -> tuple:
     address bits): Triton's specialisation of it can depend on nothing else."""
     base = d.base
     return (type(base), base.dtype, base.data_ptr() & 127, tuple(d.shape), tuple(d.strides),
-            tuple(d.block_shape), d.padding)  # fmt: skip
+            tuple(d.block_shape), d.padding, getattr(d, "layout", None))  # fmt: skip
 
 
 _UNSUPPORTED = object()  # a layout that always takes Triton's path
@@ -784,7 +787,7 @@ class Launcher:
                 continue  # Triton types a float as fp32 whatever its value
             elif t in _SCALAR_TYPES:
                 values.append(i)
-            elif t is desc_type:
+            elif t is desc_type or _is_gluon_descriptor_type(t):
                 descs.append(i)
             else:
                 return _UNSUPPORTED
@@ -1049,6 +1052,12 @@ def _torch_tensor():
     import torch
 
     return torch.Tensor
+
+
+def _is_gluon_descriptor_type(t: type) -> bool:
+    # Gluon's host TensorDescriptor (it adds the shared-memory layout, part of _desc_key),
+    # recognised without importing Gluon
+    return t.__name__ == "TensorDescriptor" and t.__module__.startswith("triton.experimental.gluon")
 
 
 def _tensor_descriptor_type():
