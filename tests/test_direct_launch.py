@@ -44,6 +44,7 @@ def _causal(b, h, q_idx, kv_idx):
 @pytest.mark.gpu
 def test_gpu_direct_launch_tracks_specialisation(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNFORGE_FWD_WS", "0")  # these look at the Triton forward kernel
     cache.cache_clear()
     dev = "cuda"
     torch.manual_seed(0)
@@ -78,6 +79,7 @@ def test_gpu_direct_launch_tracks_specialisation(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_direct_launch_forward_backward_vs_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNFORGE_FWD_WS", "0")  # these look at the Triton forward kernel
     cache.cache_clear()
     torch.manual_seed(1)
     for L in (1000, 1024, 1000, 1024):
@@ -103,6 +105,7 @@ def test_gpu_launch_hook_takes_tritons_path(tmp_path, monkeypatch):
     from triton import knobs
 
     monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNFORGE_FWD_WS", "0")  # these look at the Triton forward kernel
     cache.cache_clear()
     q = torch.randn(1, 1, 256, 64, device="cuda", dtype=torch.bfloat16)
     af.flex_attention(q, q, q)

@@ -124,10 +124,11 @@ GPU_CASES = [
     # (variant, L, S, D, Hq, Hkv, dtype)
     ("noop", 1, 1, 64, 4, 4, torch.bfloat16),
     ("causal", 17, 17, 128, 4, 4, torch.float16),
+    ("noop", 1000, 777, 64, 4, 2, torch.float16),
     ("alibi", 257, 300, 128, 4, 2, torch.bfloat16),
-    ("softcap", 1000, 1000, 64, 4, 4, torch.bfloat16),
+    ("softcap", 1000, 1000, 128, 4, 4, torch.bfloat16),
     ("document", 1537, 1537, 128, 4, 1, torch.float16),
-    ("window", 2048, 2048, 64, 4, 2, torch.bfloat16),
+    ("window", 2048, 2048, 128, 4, 2, torch.bfloat16),
     ("empty_rows", 300, 300, 128, 4, 4, torch.bfloat16),
     ("noop", 4096, 4096, 128, 4, 4, torch.bfloat16),
 ]

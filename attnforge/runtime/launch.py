@@ -514,8 +514,11 @@ def ws_stages(call: KernelCall, q, k, v) -> int:
     mask = call.lowered.mask
     if q_block % _WS_BLOCK_M or kv_block % _WS_BLOCK_N:
         return 0
-    if mask is not None and mask.op is Op.CONST:
-        return 0  # its [1, 1] tl.full tile has no Gluon layout
+    if mask is not None and (E == 64 or mask.op is Op.CONST):
+        # D=64 with a mask: the Triton kernel's 64-key tiles skip more of the partial blocks and
+        # measured faster (H100: causal 397 vs 367 TF/s, sliding window 1.02 vs 0.89x flex);
+        # a constant mask's [1, 1] tl.full tile has no Gluon layout
+        return 0
     if not _tma_describable((_WS_ROWS, _WS_BLOCK_N, E, E), (q, k, v)):
         return 0
     return 2 if E == 128 else 3  # shared memory: Q 32 KB + stages x (K + V) of <= 64 KB

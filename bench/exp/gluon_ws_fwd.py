@@ -47,7 +47,9 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _load_kv(desc, ring, ready, t, lists, coords, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+def _load_kv(
+    desc, ring, ready, t, lists, coords, SPARSE_KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr
+):
     # TMA of kv tile t into its ring slot (the caller knows the slot is free); none past the end
     NUM_STAGES: gl.constexpr = ring.type.shape[0]
     off_zk, off_hkv = coords
@@ -160,12 +162,25 @@ def _consumer(
             # 4. refill while our GEMMs run: K_j's slot (both S_j long done) with K_{j+S},
             #    V_{j-1}'s (both PV_{j-1} issued before this turn) with V_{j-1+S}
             mbarrier.wait(k_free.index(slot), (j // NUM_STAGES) & 1, pred=j + NUM_STAGES < n_tiles)
-            _load_kv(K_DESC, k_smem, k_ready, j + NUM_STAGES, lists, coords, SPARSE_KV_BLOCK, BLOCK_N)
+            _load_kv(
+                K_DESC, k_smem, k_ready, j + NUM_STAGES, lists, coords, SPARSE_KV_BLOCK, BLOCK_N
+            )
             tv = j - 1 + NUM_STAGES
             mbarrier.wait(
-                v_free.index(tv % NUM_STAGES), ((j - 1) // NUM_STAGES) & 1, pred=(j > 0) & (tv < n_tiles)
+                v_free.index(tv % NUM_STAGES),
+                ((j - 1) // NUM_STAGES) & 1,
+                pred=(j > 0) & (tv < n_tiles),
             )
-            _load_kv(V_DESC, v_smem, v_ready, gl.where(j > 0, tv, n_tiles), lists, coords, SPARSE_KV_BLOCK, BLOCK_N)
+            _load_kv(
+                V_DESC,
+                v_smem,
+                v_ready,
+                gl.where(j > 0, tv, n_tiles),
+                lists,
+                coords,
+                SPARSE_KV_BLOCK,
+                BLOCK_N,
+            )
         # 5. S_{j+1} done (PV_j still running)
         qk = warpgroup_mma_wait(1, deps=[s_next])
         if WG == 1:
@@ -316,13 +331,41 @@ def _attn_fwd_ws(
         [
             (
                 _consumer,
-                (0, descs, rings, lists, coords, out_args, KV_LEN, sm_scale, HEAD_DIM, BLOCK_N,
-                 SPARSE_KV_BLOCK, EVEN_KV, IS_CAUSAL, PINGPONG),
+                (
+                    0,
+                    descs,
+                    rings,
+                    lists,
+                    coords,
+                    out_args,
+                    KV_LEN,
+                    sm_scale,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    SPARSE_KV_BLOCK,
+                    EVEN_KV,
+                    IS_CAUSAL,
+                    PINGPONG,
+                ),
             ),
             (
                 _consumer,
-                (1, descs, rings, lists, coords, out_args, KV_LEN, sm_scale, HEAD_DIM, BLOCK_N,
-                 SPARSE_KV_BLOCK, EVEN_KV, IS_CAUSAL, PINGPONG),
+                (
+                    1,
+                    descs,
+                    rings,
+                    lists,
+                    coords,
+                    out_args,
+                    KV_LEN,
+                    sm_scale,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    SPARSE_KV_BLOCK,
+                    EVEN_KV,
+                    IS_CAUSAL,
+                    PINGPONG,
+                ),
             ),
         ],
         [4],
@@ -394,10 +437,9 @@ def ws_attention(q, k, v, bm, causal, BN=128, stages=2, pingpong=True, regs=256,
 
 
 def aot(D, BN, stages, causal, pingpong, regs):
+    from aot_sm90 import ptxas_lines
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from aot_sm90 import ptxas_lines
 
     lay = lambda rows: gl.NVMMASharedLayout.get_default_for([1, 1, rows, D], gl.bfloat16)  # noqa
     fn = _attn_fwd_ws
