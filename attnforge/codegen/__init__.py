@@ -81,6 +81,11 @@ class Lowered:
         }
 
     @cached_property
+    def fwd_source(self) -> str:
+        """fwd.py; also the head of fwd_ws.py (rendered once for both)."""
+        return emit.emit_fwd(self.key, self.score, self.mask, self.score_slots, self.mask_slots)
+
+    @cached_property
     def files(self) -> dict[str, str]:
         out = {name: make(self) for name, make in EMITTERS.items()}
         out["ir.txt"] = self.ir_text()
@@ -99,11 +104,11 @@ class Lowered:
 
 
 def _emit_fwd(low: Lowered) -> str:
-    return emit.emit_fwd(low.key, low.score, low.mask, low.score_slots, low.mask_slots)
+    return low.fwd_source
 
 
 def _emit_fwd_ws(low: Lowered) -> str:
-    return emit.emit_fwd_ws(_emit_fwd(low), low.score_slots, low.mask_slots)
+    return emit.emit_fwd_ws(low.fwd_source, low.score_slots, low.mask_slots)
 
 
 # file name -> source builder

@@ -109,15 +109,12 @@ def load_ws(modules: dict[str, ModuleType]) -> ModuleType:
     module = modules.get("fwd_ws")
     if module is None:
         fwd = modules["fwd"]
-        path = Path(fwd.__file__).with_name("fwd_ws.py")
-        key = fwd.__attnforge_key__
         with _lock:
             module = modules.get("fwd_ws")
             if module is None:
                 t0 = time.perf_counter()
-                module = loader.load_module(path, fwd.__name__ + "_ws", interpret=False)
-                module.__attnforge_key__ = key
-                loader.install_launchers(module, BinaryStore(path.parent / _BINARIES / "fwd_ws"))
+                path = Path(fwd.__file__).with_name("fwd_ws.py")
+                module = _import_kernel(path, fwd.__name__ + "_ws", fwd.__attnforge_key__, False)
                 modules["fwd_ws"] = module
                 _stats.import_seconds += time.perf_counter() - t0
     return module
@@ -305,15 +302,21 @@ def _import_entry(directory: Path, key: str, device_kind: str) -> dict[str, Modu
     for kind in _KERNELS:
         path = directory / f"{kind}.py"
         if kind == "fwd" or path.exists():
-            module = loader.load_module(path, loader.module_name(key, kind, device_kind), interpret)
-            module.__attnforge_key__ = key
-            if not interpret:  # GPU: direct launches, binaries kept in this entry
-                loader.install_launchers(module, BinaryStore(directory / _BINARIES / kind))
-            modules[kind] = module
+            name = loader.module_name(key, kind, device_kind)
+            modules[kind] = _import_kernel(path, name, key, interpret)
     dt = time.perf_counter() - t0
     _stats.import_seconds += dt
     _debug("import %s %s: %.1f ms", device_kind, key[:16], dt * 1e3)
     return modules
+
+
+def _import_kernel(path: Path, name: str, key: str, interpret: bool) -> ModuleType:
+    """One kernel module of an entry (``<kind>.py``), with direct launchers on the GPU."""
+    module = loader.load_module(path, name, interpret)
+    module.__attnforge_key__ = key
+    if not interpret:  # GPU: direct launches, binaries kept in this entry under bin/<kind>
+        loader.install_launchers(module, BinaryStore(path.parent / _BINARIES / path.stem))
+    return module
 
 
 # -- compiled GPU binaries kept in an entry --

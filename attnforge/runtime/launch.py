@@ -613,14 +613,12 @@ def _ws_layout(block: tuple, dtype: torch.dtype):
 
 
 def _ws_descriptor(t: torch.Tensor, rows: int):
-    # a Gluon host descriptor (it carries the shared layout the kernel's rings use), built
-    # without its __post_init__ checks (host overhead): ws_stages checked what they assert
+    # a Gluon host descriptor: _descriptor's fields plus the shared layout the kernel's rings
+    # use (ws_stages checked what Gluon's __post_init__ would assert)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
-    d = TensorDescriptor.__new__(TensorDescriptor)
-    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block,
-                      layout=_ws_layout(tuple(block), t.dtype), padding="zero")  # fmt: skip
+    d = _descriptor(t, rows, TensorDescriptor)
+    d.layout = _ws_layout(tuple(d.block_shape), t.dtype)
     return d
 
 
@@ -671,12 +669,12 @@ def _fwd_descriptors(q, k, v, cfg: FwdConfig) -> tuple:
     return (_descriptor(q, cfg.BLOCK_M), _descriptor(k, cfg.BLOCK_N), _descriptor(v, cfg.BLOCK_N))
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    # TensorDescriptor(t, ...) without re-running its checks on every call (~5 us each): what
-    # they assert (16-byte alignment and strides, unit feature stride, positive sizes, power-of-
-    # two blocks of at most 256) _fwd_effective_config has checked
+def _descriptor(t: torch.Tensor, rows: int, cls=None):
+    # TensorDescriptor(t, ...) (Triton's, or ``cls``) without re-running its checks on every call
+    # (~5 us each): what they assert (16-byte alignment and strides, unit feature stride,
+    # positive sizes, power-of-two blocks of at most 256) _fwd_effective_config has checked
     shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
-    cls = _descriptor_class()
+    cls = cls or _descriptor_class()
     d = cls.__new__(cls)
     d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block, padding="zero")
     return d
