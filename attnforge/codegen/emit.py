@@ -18,8 +18,10 @@ from functools import cache
 from importlib import resources
 
 from ..dsl.ir import DType, Node, Op
+from .affine import affine_bias
+from .grad import _jit_def
 from .passes import literal
-from .render import ParamSlot, render_function
+from .render import ParamSlot, render_body, render_function
 
 __all__ = ["fill", "template", "emit_fwd", "param_arg_lines", "call_params", "mod_functions"]
 
@@ -141,7 +143,33 @@ def mod_functions(
                                   pos_f32=POS_F32)  # fmt: skip
     else:
         mask_fn = _stub("mask_mod", mask_args, "True", "no mask_mod: every block is FULL")
-    return "\n\n\n".join(b.rstrip("\n") for b in (flags, score_fn, mask_fn))
+    affine_fn = affine_bias_function(score, score_slots)
+    return "\n\n\n".join(b.rstrip("\n") for b in (flags, score_fn, mask_fn, affine_fn))
+
+
+def affine_bias_function(score: Node | None, score_slots) -> str:
+    """``AFFINE_BIAS`` and ``score_bias_affine(b, h, q_idx, kv_idx, ...)``: for a score mod
+    ``score + B`` with ``B`` affine in the positions (:mod:`.affine`), ``B`` at the given point
+    and its two slopes, as fp32 scalars (the kernels take the tile origin as the point)."""
+    split = affine_bias(score)
+    flag = f"AFFINE_BIAS = tl.constexpr({split is not None})  # see score_bias_affine"
+    args = _MASK_ARGS + [a for s in score_slots for a in s.args]
+    if split is None:
+        body = ["# never called (the score mod is not score + an affine bias)"]
+        body.append("return 0.0, 0.0, 0.0")
+    else:
+        roots = [split.bias, split.d_q, split.d_kv]
+        lines, exprs = render_body(roots, {s.index: s for s in score_slots}, pos_f32=POS_F32)
+        out = []
+        for root, expr in zip(roots, exprs):
+            if root.op is Op.CONST:
+                out.append(literal(float(root.arg)))
+            elif root.dtype is not DType.FLOAT:
+                out.append(f"({expr}).to(tl.float32)")
+            else:
+                out.append(expr)
+        body = [*lines, f"return {', '.join(out)}"]
+    return flag + "\n\n\n" + _jit_def("score_bias_affine", args, body)
 
 
 def _stub(name: str, args: list[str], ret: str, why: str) -> str:

@@ -239,6 +239,18 @@ def mask_mod(b, h, q_idx, kv_idx, POS_F32: tl.constexpr):
     return t0
 
 
+AFFINE_BIAS = tl.constexpr(True)  # see score_bias_affine
+
+
+@_device_fn
+def score_bias_affine(b, h, q_idx, kv_idx, POS_F32: tl.constexpr, T0, T0_size0, stride_t0_0):
+    t0 = tl.load(T0 + h * stride_t0_0, mask=h < T0_size0, other=0).to(tl.float32)
+    t1 = kv_idx - q_idx
+    t2 = t0 * _pos_sub_f32(kv_idx, q_idx, POS_F32)
+    t3 = -t0
+    return t2, t3, t0
+
+
 # -- kernel --
 
 
@@ -248,7 +260,7 @@ def _attn_fwd_inner(
     K, V, stride_kn, stride_kk, stride_vn, stride_vk,
     K_DESC, V_DESC, off_zk, off_hkv,
     BLK_IDX, stride_blk, num_blocks,
-    off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+    off_z, off_h, start_q, offs_m, KV_LEN, sm_scale, c,
     T0, T0_size0, stride_t0_0,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
@@ -280,7 +292,13 @@ def _attn_fwd_inner(
                            HEAD_DIM != HEAD_DIM_PAD, not EVEN_KV)
         qk = tl.dot(_mma_in(q), _mma_in(k), input_precision=DOT_PRECISION)
         # -- scores s (see the legend: raw q.k when the scale is folded into exp2's FMA) --
-        if HAS_SCORE_MOD:
+        if AFFINE_BIAS:
+            # score + B with B affine in the positions: B(start_q, kv_idx) per column here, its
+            # row part is added to lse in the epilogue (the softmax is shift-invariant per row)
+            base, d_q, d_kv = score_bias_affine(off_z, off_h, start_q, start_n,
+                                                POS_F32, T0, T0_size0, stride_t0_0)
+            s = qk * sm_scale + ((kv_idx - start_n).to(tl.float32) * d_kv + base)
+        elif HAS_SCORE_MOD:
             s = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx, POS_F32, T0, T0_size0, stride_t0_0)
         elif SCALE_FOLDED:
             s = qk
@@ -379,7 +397,7 @@ def _attn_fwd(
         k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
         K_DESC, V_DESC, off_zk, off_hkv,
         partial_idx, stride_bin, num_partial,
-        off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+        off_z, off_h, start_m * BLOCK_M, offs_m, KV_LEN, sm_scale, c,
         T0, T0_size0, stride_t0_0,
         HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
         EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=False,
@@ -394,7 +412,7 @@ def _attn_fwd(
             k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
             K_DESC, V_DESC, off_zk, off_hkv,
             full_idx, stride_fin, num_full,
-            off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+            off_z, off_h, start_m * BLOCK_M, offs_m, KV_LEN, sm_scale, c,
             T0, T0_size0, stride_t0_0,
             HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
             EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=True,
@@ -404,6 +422,10 @@ def _attn_fwd(
     l_safe = tl.where(row_empty, 1.0, l_i)
     acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(row_empty, float("-inf"), (m_i * c + tl.math.log2(l_safe)) * LN2)
+    if AFFINE_BIAS:  # the bias's row part, left out of the scores (see _attn_fwd_inner)
+        q0 = start_m * BLOCK_M
+        _, d_q, _ = score_bias_affine(off_z, off_h, q0, q0, POS_F32, T0, T0_size0, stride_t0_0)
+        lse += (offs_m - q0).to(tl.float32) * d_q
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
               + (offs_m * stride_om)[:, None] + (offs_dv * stride_ok)[None, :])
     row_ok = offs_m < Q_LEN

@@ -236,6 +236,15 @@ def mask_mod(b, h, q_idx, kv_idx, POS_F32: tl.constexpr):
     return t0
 
 
+AFFINE_BIAS = tl.constexpr(False)  # see score_bias_affine
+
+
+@_device_fn
+def score_bias_affine(b, h, q_idx, kv_idx, POS_F32: tl.constexpr):
+    # never called (the score mod is not score + an affine bias)
+    return 0.0, 0.0, 0.0
+
+
 # -- kernel --
 
 
@@ -245,7 +254,7 @@ def _attn_fwd_inner(
     K, V, stride_kn, stride_kk, stride_vn, stride_vk,
     K_DESC, V_DESC, off_zk, off_hkv,
     BLK_IDX, stride_blk, num_blocks,
-    off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+    off_z, off_h, start_q, offs_m, KV_LEN, sm_scale, c,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE_KV_BLOCK: tl.constexpr,
@@ -276,7 +285,13 @@ def _attn_fwd_inner(
                            HEAD_DIM != HEAD_DIM_PAD, not EVEN_KV)
         qk = tl.dot(_mma_in(q), _mma_in(k), input_precision=DOT_PRECISION)
         # -- scores s (see the legend: raw q.k when the scale is folded into exp2's FMA) --
-        if HAS_SCORE_MOD:
+        if AFFINE_BIAS:
+            # score + B with B affine in the positions: B(start_q, kv_idx) per column here, its
+            # row part is added to lse in the epilogue (the softmax is shift-invariant per row)
+            base, d_q, d_kv = score_bias_affine(off_z, off_h, start_q, start_n,
+                                                POS_F32)
+            s = qk * sm_scale + ((kv_idx - start_n).to(tl.float32) * d_kv + base)
+        elif HAS_SCORE_MOD:
             s = score_mod(qk * sm_scale, off_z, off_h, q_idx, kv_idx, POS_F32)
         elif SCALE_FOLDED:
             s = qk
@@ -374,7 +389,7 @@ def _attn_fwd(
         k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
         K_DESC, V_DESC, off_zk, off_hkv,
         partial_idx, stride_bin, num_partial,
-        off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+        off_z, off_h, start_m * BLOCK_M, offs_m, KV_LEN, sm_scale, c,
         HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
         EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=False,
     )
@@ -388,7 +403,7 @@ def _attn_fwd(
             k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
             K_DESC, V_DESC, off_zk, off_hkv,
             full_idx, stride_fin, num_full,
-            off_z, off_h, offs_m, KV_LEN, sm_scale, c,
+            off_z, off_h, start_m * BLOCK_M, offs_m, KV_LEN, sm_scale, c,
             HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, SPARSE_KV_BLOCK,
             EVEN_KV, DOT_PRECISION, SCALE_FOLDED, USE_TMA, POS_F32, IS_FULL_BLOCKS=True,
         )
@@ -397,6 +412,10 @@ def _attn_fwd(
     l_safe = tl.where(row_empty, 1.0, l_i)
     acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(row_empty, float("-inf"), (m_i * c + tl.math.log2(l_safe)) * LN2)
+    if AFFINE_BIAS:  # the bias's row part, left out of the scores (see _attn_fwd_inner)
+        q0 = start_m * BLOCK_M
+        _, d_q, _ = score_bias_affine(off_z, off_h, q0, q0, POS_F32)
+        lse += (offs_m - q0).to(tl.float32) * d_q
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
               + (offs_m * stride_om)[:, None] + (offs_dv * stride_ok)[None, :])
     row_ok = offs_m < Q_LEN
