@@ -52,7 +52,7 @@ def wait() -> None:
         thread.join()
 
 
-def _ensure(tcache=None) -> None:
+def _ensure(tcache=None, replace: bool | None = None) -> None:
     if tcache is None:
         try:
             from triton.runtime import cache as tcache
@@ -69,7 +69,9 @@ def _ensure(tcache=None) -> None:
     except Exception:  # noqa: BLE001 - unusual install: Triton's function as ever
         current()
         return
-    value = _read(path, identity) if _replace_allowed() else None
+    if replace is None:
+        replace = _replace_allowed()
+    value = _read(path, identity) if replace else None
     if value is not None:
         _install(tcache, current, value)
         return
