@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.profile_compile import STAGE_HOOKS  # noqa: E402
 
 CHILD = r"""
 import cProfile, functools, io, json, os, pstats, sys, tempfile, time
@@ -107,15 +110,7 @@ bound, spec, opts = binder(*args, **kw)
 options, signature, constexprs, attrs = jit._pack_args(backend, kw, bound, spec, opts)
 src = jit.ASTSource(jit, signature, constexprs, attrs)
 # instrument triton.compile's steps
-from triton.backends.nvidia import compiler as nvc
-_add = nvc.CUDABackend.add_stages
-def add_stages(self, stages, options, *rest):
-    _add(self, stages, options, *rest)
-    for n in list(stages):
-        stages[n] = timed("stage " + n, stages[n])
-nvc.CUDABackend.add_stages = add_stages
-type(src).make_ir = timed("frontend (make_ir: AST -> IR)", type(src).make_ir)
-tcc.get_cache_key = timed("cache key (src.hash, ptxas --version)", tcc.get_cache_key)
+{stage_hooks}
 from triton.runtime import cache as tcache
 tcache.FileCacheManager.put = timed("cache writes (IR text of every stage)",
                                     tcache.FileCacheManager.put)
@@ -162,7 +157,14 @@ def main() -> None:
         help="triton_key(): Triton's (hash) or attnforge's (kept value, if any)",
     )
     a = ap.parse_args()
-    code = CHILD.format(root=str(ROOT), kernel=a.kernel, dump=a.dump, profile=a.profile, key=a.key)
+    code = CHILD.format(
+        root=str(ROOT),
+        kernel=a.kernel,
+        dump=a.dump,
+        profile=a.profile,
+        key=a.key,
+        stage_hooks=STAGE_HOOKS,
+    )
     rows = []
     for _ in range(a.rounds):
         with tempfile.TemporaryDirectory() as tmp:
