@@ -200,10 +200,11 @@ def _load_or_build(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         _stats.disk_hits += 1
         _dump(directory)
         return modules
-    if not loader.is_interpreted(device_kind):  # a new entry: its kernels compile soon
+    compiled = not loader.is_interpreted(device_kind)
+    if compiled:  # a new entry: its kernels compile soon
         triton_key.start()  # Triton's build hash, meanwhile
     files = _generate(lowered)
-    if not loader.is_interpreted(device_kind) and loader._direct_enabled():
+    if compiled and loader._direct_enabled():
         from . import compile_pool
 
         compile_pool.prestart()  # helpers start now

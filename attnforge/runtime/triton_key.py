@@ -40,7 +40,7 @@ def start() -> None:
     global _thread
     with _lock:
         if _thread is None:
-            _thread = threading.Thread(target=_ensure, name="attnforge-triton-key", daemon=True)
+            _thread = threading.Thread(target=_quiet, name="attnforge-triton-key", daemon=True)
             _thread.start()
 
 
@@ -50,6 +50,13 @@ def wait() -> None:
     thread = _thread
     if thread is not threading.current_thread():
         thread.join()
+
+
+def _quiet() -> None:
+    try:
+        _ensure()
+    except Exception:  # noqa: BLE001 - a speed-up only: the compile hashes (or raises) itself
+        pass
 
 
 def _ensure(tcache=None, replace: bool | None = None) -> None:
@@ -73,7 +80,7 @@ def _ensure(tcache=None, replace: bool | None = None) -> None:
         replace = _replace_allowed()
     value = _read(path, identity) if replace else None
     if value is not None:
-        _install(tcache, current, value)
+        _install(tcache, value)
         return
     value = current()  # Triton's own: hashes once, fills its lru_cache
     _write(path, identity, value)
@@ -145,7 +152,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _install(tcache, original, value: str) -> None:
+def _install(tcache, value: str) -> None:
     @functools.lru_cache
     def triton_key() -> str:
         return value
