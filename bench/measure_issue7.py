@@ -7,10 +7,12 @@ paths (switched back by knobs), in one call:
    block mask, no grad; wall per call minus kernel time; flex in the same run);
 2. warm-disk first call (fwd+bwd of a variant compiled by an earlier process, imports excluded):
    launch index on (default) vs ``ATTNFORGE_LAUNCH_INDEX=0`` (Triton's binder once per kernel);
-3. cold first call: compile helpers (default) vs ``ATTNFORGE_COMPILE_WORKERS=0`` (backward on
-   threads, forward alone), each round a new variant (a literal in the score mod changes, so
-   Triton's kernel cache misses while its launcher / cuda_utils builds stay cached, as in the
-   release bench, which runs after the kernel benchmarks).  Every process checks out, dq, dk, dv
+3. cold first call: the default (backward on threads, forward alone), the same with
+   ``triton_key()``'s kept value removed first (``runtime/triton_key.py``: hashed on a thread
+   instead), and compile helpers (``ATTNFORGE_COMPILE_WORKERS=3``), each round a new variant
+   (a literal in the score mod changes, so Triton's kernel cache misses while its launcher /
+   cuda_utils builds stay cached, as in the release bench, which runs after the kernel
+   benchmarks).  Every process checks out, dq, dk, dv
    against a float64 reference.  Also runs ``bench_attention.compile_times`` as defined.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,9 +78,17 @@ def compile_figures(rounds: int, log) -> dict:
         base = dict(os.environ, ATTNFORGE_CACHE_DIR=f"{tmp}/af", TRITON_CACHE_DIR=f"{tmp}/tr")
         first_call(base, 0.0625)  # primes Triton's launcher and cuda_utils builds (gcc)
         c = 0.125
+        kept_key = Path(tmp, "tr", "attnforge-triton-key")  # runtime/triton_key.py's value
+        modes = (
+            ("threads", {}),  # the default: backward on threads, forward alone
+            ("threads, triton_key hashed", {}),  # its kept value removed first (hashed ahead)
+            ("helpers", {"ATTNFORGE_COMPILE_WORKERS": "3"}),
+        )
         for _ in range(rounds):
-            for name, extra in (("helpers", {}), ("threads", {"ATTNFORGE_COMPILE_WORKERS": "0"})):
+            for name, extra in modes:
                 c += 1 / 1024  # a new variant: nothing in either cache compiles it
+                if "hashed" in name:
+                    shutil.rmtree(kept_key, ignore_errors=True)
                 cold = first_call({**base, **extra}, c)
                 res["cold"].setdefault(name, []).append(cold)
                 log(f"cold {name}: {cold}")

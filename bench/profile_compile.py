@@ -26,6 +26,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# the steps of ``triton.compile`` (``timed(name, f)`` must exist): its cache key (the first compile
+# of a process hashes libtriton there: ``triton_key()``), the frontend (AST -> TTIR/TTGIR, Triton
+# and Gluon), each backend stage (ptxas inside ``stage cubin``)
+STAGE_HOOKS = """
+from triton.backends.nvidia import compiler as _nvc
+from triton.compiler import code_generator as _cg, compiler as _tcc
+_add = _nvc.CUDABackend.add_stages
+def _add_stages(self, stages, options, *rest):
+    _add(self, stages, options, *rest)
+    for name in list(stages):
+        stages[name] = timed("stage " + name, stages[name])
+_nvc.CUDABackend.add_stages = _add_stages
+_tcc.get_cache_key = timed("cache key (triton_key, src.hash)", _tcc.get_cache_key)
+_cg.ast_to_ttir = timed("frontend (ast_to_ttir)", _cg.ast_to_ttir)
+"""
+
 CHILD = r"""
 import sys, time, os, json, subprocess, functools, threading, cProfile, pstats, io
 sys.path.insert(0, {root!r})
@@ -82,17 +98,12 @@ CK = tcc.CompiledKernel
 CK._init_handles = timed("CompiledKernel._init_handles (load binary)", CK._init_handles,
                          lambda a, kw: dict(fn=a[0].name))
 try:
-    from triton.backends.nvidia import driver as nvd, compiler as nvc
+    from triton.backends.nvidia import driver as nvd
     nvd.compile_module_from_src = timed("compile_module_from_src (launcher/utils cc)",
                                         nvd.compile_module_from_src)
-    _add = nvc.CUDABackend.add_stages
-    def add_stages(self, stages, options, *rest):
-        _add(self, stages, options, *rest)
-        for name in list(stages):
-            stages[name] = timed("stage " + name, stages[name])
-    nvc.CUDABackend.add_stages = add_stages
 except Exception as e:
-    print("no nvidia stage hooks:", e)
+    print("no nvidia launcher hook:", e)
+{stage_hooks}
 api.current_mod = timed("trace (current_mod)", api.current_mod)
 api._lower = timed("lower (codegen, memo)", api._lower)
 cache.load_kernels = timed("cache.load_kernels", cache.load_kernels)
@@ -116,6 +127,11 @@ if prof:  # the backward runs on autograd's device thread: profile it there
             BWD_PROF.append(p)
     autograd.launch_bwd = launch_bwd
 launch.precompile = timed("precompile (threads)", launch.precompile)
+try:  # Triton's build hash, got ahead (kept value or hashed on a thread): compiles join it
+    from attnforge.runtime import triton_key as tkey
+    tkey.wait = timed("triton_key.wait (join before a compile)", tkey.wait)
+except ImportError:
+    pass
 from attnforge.runtime import loader
 if hasattr(loader, "Launcher"):
     loader.Launcher._load = timed("Launcher._load (kept binary, no triton.compile)",
@@ -168,7 +184,7 @@ if prof:
 def run_child(label: str, env: dict, log, out_dir: Path) -> dict | None:
     import json
 
-    code = CHILD.format(root=str(ROOT))
+    code = CHILD.format(root=str(ROOT), stage_hooks=STAGE_HOOKS)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     (out_dir / f"{label}.stderr.txt").write_text(res.stderr)
     (out_dir / f"{label}.stdout.txt").write_text(res.stdout)

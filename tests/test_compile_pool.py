@@ -22,11 +22,23 @@ def kernel(X, Y, n, BLOCK: tl.constexpr):
     tl.store(Y + i, tl.load(X + i, mask=i < n) * 2.0, mask=i < n)
 """
 
+_SRC_GLUON = """
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.jit
+def kernel(X, Y, n, BLOCK: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    i = gl.arange(0, BLOCK, layout=layout)
+    gl.store(Y + i, gl.load(X + i, mask=i < n) * 2.0, mask=i < n)
+"""
+
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="helpers are POSIX-only")
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
+def setup(tmp_path, monkeypatch, request):
     """A compiled-mode module with a Launcher over a store, Triton's CUDA backend for sm_90 and
     the real binder; ``compile_args`` gives ``_do_compile``'s arguments for a launch."""
     from triton import knobs
@@ -43,7 +55,10 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORGE_COMPILE_WORKERS", "1")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     path = tmp_path / "k.py"
-    path.write_text(_SRC)
+    src = getattr(request, "param", _SRC)
+    if src is _SRC_GLUON:  # imported as the rest of triton was (Gluon asserts it)
+        pytest.importorskip("triton.experimental.gluon")
+    path.write_text(src)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     mod = loader.load_module(path, f"attnforge_test.pool_{id(tmp_path)}", interpret=False)
@@ -55,6 +70,8 @@ def setup(tmp_path, monkeypatch):
     jit.create_binder = None  # never called again: device_caches[0] exists
     from triton.compiler import ASTSource, compile
 
+    if jit.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     jit.ASTSource, jit.compile = ASTSource, compile
 
     def compile_args(x, n=100, **kw):
@@ -101,6 +118,21 @@ def test_helper_compiles_the_binary_triton_compiles_here(setup):
     # kept: a new launcher (process) loads it from the store without any compile
     saved = setup.launcher._saved[id(kernel)]
     assert saved[1] is not None and setup.launcher.store.has(saved[1])
+
+
+@pytest.mark.parametrize("setup", [_SRC_GLUON], indirect=True)
+def test_helper_compiles_gluon_kernels_with_gluons_frontend(setup):
+    """fwd_ws.py's kernel is Gluon: the helper builds it as this process would."""
+    import triton
+
+    x = torch.zeros(128)
+    args = setup.compile_args(x, BLOCK=128, num_warps=4)
+    _wait_ready()
+    kernel = setup.jit._do_compile(*args)
+    assert setup.launcher._saved[id(kernel)][1] is not None  # came from the helper
+    here = triton.compile(setup.jit.ASTSource(setup.jit, args[1], args[3], args[5]),
+                          target=setup.target, options=args[4].__dict__)  # fmt: skip
+    assert kernel.hash == here.hash and kernel.asm["cubin"] == here.asm["cubin"]
 
 
 def test_async_compile_goes_to_a_helper(setup):

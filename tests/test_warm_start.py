@@ -331,6 +331,11 @@ def indexed(tmp_path, monkeypatch):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+    except ImportError:  # pragma: no cover - a triton without Gluon
+        GluonASTSource = ASTSource
+
     from attnforge.runtime import cache, loader
 
     if "nvidia" not in backends:
@@ -338,19 +343,20 @@ def indexed(tmp_path, monkeypatch):
     monkeypatch.setattr(triton.compiler, "CompiledKernel", _Kernel)
     monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH", raising=False)
     _Kernel.launches = []
-    path = tmp_path / "k2.py"
-    path.write_text(_SRC2)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     store = cache.BinaryStore(tmp_path / "bin")
 
-    def load(n):
+    def load(n, src=_SRC2):
+        path = tmp_path / f"k2_{abs(hash(src))}.py"
+        path.write_text(src)
         mod = loader.load_module(path, f"attnforge_test.index_{id(tmp_path)}_{n}", interpret=False)
         loader.install_launchers(mod, store)
         launcher = mod.kernel
         jit = launcher.jit
         binder = create_function_from_signature(jit.signature, jit.params, backend)
         jit.device_caches[0] = ({}, {}, target, backend, binder)
+        jit.ASTSource = GluonASTSource if jit.is_gluon() else ASTSource
         launcher._device, launcher._stream = (lambda: 0), (lambda device: 1234)
         kernel_cache, key_cache = jit.device_caches[0][:2]
 
@@ -367,7 +373,7 @@ def indexed(tmp_path, monkeypatch):
                     p = tmp_path / f"{abs(hash(key))}-{name}"
                     p.write_bytes(data)
                     files[name] = str(p)
-                kernel = _Kernel(ASTSource(jit, sig, consts, attrs), files, key)
+                kernel = _Kernel(jit.ASTSource(jit, sig, consts, attrs), files, key)
                 kernel_cache[key] = kernel
                 launcher._options[key] = options
             if not warmup:
@@ -430,6 +436,44 @@ def test_new_process_launches_indexed_binary_without_the_binder(indexed):
     third.jit.run = no_binder
     for args, kw in [((x, y, 96, 0.5, True), {}), ((x, y, 100, 0.5, True), {"BLOCK": 64})]:
         assert _launch(third, *args, **kw)[0] == "direct"
+
+
+_SRC_GLUON = """
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+@gluon.jit
+def kernel(X_DESC, Y, n, BLOCK: gl.constexpr):
+    pass
+"""
+
+
+def test_gluon_descriptor_launch_is_indexed(indexed):
+    """The warp-specialised forward's case: a Gluon kernel with Gluon host descriptors (their
+    shared layout is part of the key), launched in a new process without the binder."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from attnforge.runtime import launch
+
+    x = torch.zeros(4, 64, 64, dtype=torch.bfloat16)
+    y = torch.zeros(1024)
+    first = indexed.load(1, _SRC_GLUON)
+    ran = _launch(first, launch._ws_descriptor(x, 64), y, 100)
+    assert ran[0] == "triton"
+    second = indexed.load(2, _SRC_GLUON)
+
+    def no_binder(*a, **k):
+        raise AssertionError("Triton's binder ran")
+
+    second.jit.run = no_binder
+    desc = launch._ws_descriptor(x, 64)
+    got = _launch(second, desc, y, 100)
+    assert got[0] == "direct" and got[1] == ran[1]
+    assert got[2][9:] == (desc, y, 100, 128)
+    # another shared layout (or block) is another specialisation: Triton's path
+    other = launch._ws_descriptor(x.transpose(-1, -2).contiguous().view(4, 64, 64), 32)
+    with pytest.raises(AssertionError, match="binder"):
+        _launch(second, other, y, 100)
 
 
 def test_warmup_loads_indexed_binary(indexed):

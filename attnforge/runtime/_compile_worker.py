@@ -3,7 +3,7 @@
 Reads pickled jobs from stdin, compiles each with ``triton.compile`` and writes back the pickled
 binary files (metadata ``.json`` and the binary).  Imports nothing but triton and the kernel file
 (generated kernels import only triton), so it starts in the time ``import triton`` takes; it
-computes ``triton_key()`` before it says ``ready``, while the parent still traces and lowers.
+gets ``triton_key()`` (kept by an earlier process, else hashed) before it says ``ready``.
 Exits on end of input (the parent closed the pipe or died) or after ``IDLE_S`` without a job.
 """
 
@@ -47,6 +47,8 @@ def _compile(job: dict, modules: dict) -> dict:
     if dict(get_cache_invalidating_env_vars()) != job["env"]:
         raise RuntimeError("compile-affecting environment differs from the parent's")
     fn = getattr(_load(job["path"], job["digest"], modules), job["kernel"])
+    if fn.is_gluon():  # fwd_ws.py: Gluon's frontend (Triton's would reject the kernel)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
     kernel = triton.compile(src, target=GPUTarget(*job["target"]), options=job["options"])
     ext = "." + job["binary_ext"]
@@ -58,14 +60,28 @@ def _compile(job: dict, modules: dict) -> dict:
     return {"files": files, "hash": kernel.hash, "name": kernel.name}
 
 
+def _triton_key() -> None:
+    """Triton's build hash: the value an earlier process kept (``triton_key.py`` beside this
+    file, loaded by path: no attnforge package is imported here), else hashed (~0.3-0.45 s)."""
+    try:
+        path = Path(sys.argv[1]).with_name("triton_key.py")
+        spec = importlib.util.spec_from_file_location("attnforge_compile_worker_key", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module._ensure(replace=True)  # helpers run only with direct launch on
+    except Exception:  # noqa: BLE001 - Triton's own function, as ever
+        from triton.runtime.cache import triton_key
+
+        triton_key()
+
+
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # the reply pipe carries replies only
     os.environ["TRITON_INTERPRET"] = "0"  # kernels compiled, whatever the parent's shell set
     import triton.compiler  # noqa: F401
-    from triton.runtime.cache import triton_key
 
-    triton_key()  # hashes libtriton once per process: before the first job, not during it
+    _triton_key()  # before the first job, not during it
     stdout.write(b"ready\n")
     stdout.flush()
     modules: dict = {}

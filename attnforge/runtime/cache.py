@@ -41,7 +41,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import knobs, loader
+from . import knobs, loader, triton_key
 
 log = logging.getLogger("attnforge")
 
@@ -200,11 +200,14 @@ def _load_or_build(lowered: Any, device_kind: str) -> dict[str, ModuleType]:
         _stats.disk_hits += 1
         _dump(directory)
         return modules
+    compiled = not loader.is_interpreted(device_kind)
+    if compiled:  # a new entry: its kernels compile soon
+        triton_key.start()  # Triton's build hash, meanwhile
     files = _generate(lowered)
-    if not loader.is_interpreted(device_kind) and loader._direct_enabled():
+    if compiled and loader._direct_enabled():
         from . import compile_pool
 
-        compile_pool.prestart()  # a new entry: its kernels compile soon (helpers start now)
+        compile_pool.prestart()  # helpers start now
     directory = _publish(directory, files, lowered.key, device_kind)
     try:
         modules = _import_entry(directory, lowered.key, device_kind)

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import knobs as _knobs
+from . import triton_key
 
 _ENV = "TRITON_INTERPRET"
 # The environment is process-global: serialize imports that flip it.
@@ -513,7 +514,22 @@ def _plain(x) -> str:
         return f"type:{x.__module__}.{x.__qualname__}"
     if t is _torch_dtype():
         return repr(x)
+    if _is_gluon_layout(t):  # a Gluon descriptor's shared layout: a frozen dataclass, by fields
+        fields = ",".join(f"{f.name}={_plain(getattr(x, f.name))}" for f in _fields(x))
+        return f"{t.__module__}.{t.__qualname__}({fields})"
     raise TypeError(f"no exact text for {t.__name__}")
+
+
+def _is_gluon_layout(t: type) -> bool:
+    params = getattr(t, "__dataclass_params__", None)
+    return (params is not None and params.frozen
+            and t.__module__.startswith("triton.experimental.gluon"))  # fmt: skip
+
+
+def _fields(x) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(x)
 
 
 def _torch_dtype():
@@ -948,6 +964,7 @@ class Launcher:
                 _debug("compile helper lost for %s: %r", self.jit, exc)
                 kernel = None
             if kernel is None:  # what Triton's own async compile would have run
+                triton_key.wait()
                 src = self.jit.ASTSource(self.jit, signature, constexprs, attrs)
                 kernel = self.jit.compile(src, target=target, options=options.__dict__)
             return kernel
@@ -1200,6 +1217,7 @@ def _hook_compile(launcher: Launcher) -> bool:
             kernel = None
         if kernel is not None:
             return kernel
+        triton_key.wait()  # Triton's cache key needs it: kept or hashed ahead, never twice
         return original(key, signature, device, constexprs, options, attrs, warmup)
 
     jit._do_compile = _do_compile
