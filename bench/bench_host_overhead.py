@@ -8,6 +8,15 @@ specialising the arguments) comes on top on a GPU and is not measured here.
 
     PYTHONPATH=. python bench/bench_host_overhead.py            # table of µs per call
     PYTHONPATH=. python bench/bench_host_overhead.py --profile "causal grad"   # cProfile a row
+    PYTHONPATH=. python bench/bench_host_overhead.py --fake-gpu [--profile]   # the GPU path on CPU
+
+``--fake-gpu`` (CPU) runs the ``--gpu`` case (1x1x128x64 bf16, cached causal block mask, no
+grad) down the path a GPU call takes: compiled-kernel modules with ``loader.Launcher``, the TMA
+forward (descriptors), the per-call plan's ``Launcher.launch_planned`` and Triton's real
+``CudaLauncher`` + ``wrap_handle_tensordesc`` (so ``tma_launch``'s raw launch), with a fake
+driver (device 0, stream 1234), a fake ``fill_tma_descriptor`` and a no-op C launcher; the first
+launch binds with Triton's real binder.  Not measured: the C launcher's argument parsing and
+``cuLaunchKernelEx`` (~5 µs on the H100 host), CUDA ``torch.empty`` (~5 µs each there).
 
 Cases: no mods; causal block mask (cached); ALiBi score mod reading a captured slopes tensor;
 a text-spec variant ``attn(q, k, v)`` (softcap + causal); each with and without
@@ -126,10 +135,13 @@ def main() -> None:
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--profile", metavar="ROW", help="cProfile one row (its label) instead")
     p.add_argument("--gpu", action="store_true", help="real launches on CUDA (see gpu_overhead)")
+    p.add_argument("--fake-gpu", action="store_true", help="the --gpu case's GPU path on CPU")
     args = p.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if args.gpu:
         return gpu_overhead(args)
+    if args.fake_gpu:
+        return fake_gpu_overhead(args)
     _patch_loader()  # before the first call: kernels are loaded, stubbed, never run
     if args.profile:
         return profile(args)
@@ -238,6 +250,140 @@ def gpu_overhead(args) -> None:
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def fake_gpu_overhead(args) -> None:
+    """``--fake-gpu``: µs per call of the ``--gpu`` case on CPU (see the module docstring), with
+    the knobs unset and set to 1 (the ``--gpu`` run sets them: a set knob is parsed per read),
+    same tensors every call and new tensors (new addresses) every call."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("ATTNFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="af-fake-gpu-"))
+    launches = _fake_gpu()
+    L, D = 128, 64
+    q, k, v = (torch.randn(1, 1, L, D, dtype=torch.bfloat16) for _ in range(3))
+    pool = [[torch.randn(1, 1, L, D, dtype=torch.bfloat16) for _ in range(3)] for _ in range(8)]
+    bm = af.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device="cpu")
+    turn = iter(range(1 << 62))
+
+    def same():
+        return af.flex_attention(q, k, v, block_mask=bm)
+
+    def fresh():
+        return af.flex_attention(*pool[next(turn) % 8], block_mask=bm)
+
+    with torch.no_grad():
+        same()
+        launcher = next(iter(cache._memory.values()))["fwd"]._attn_fwd
+        kinds = ", ".join(sorted({type(fast).__name__ for _, fast in launcher._runs.values()}))
+        print(f"fake GPU path (torch {torch.__version__}): forward launched by {kinds}")
+        if args.profile:
+            for _ in range(100):
+                same()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.n):
+                same()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            return
+        for knob in (None, "1"):
+            for name in ("ATTNFORGE_DIRECT_LAUNCH", "ATTNFORGE_FAST_TMA_LAUNCH"):
+                os.environ.pop(name, None) if knob is None else os.environ.__setitem__(name, knob)
+            for label, fn in (("same tensors", same), ("new tensors", fresh)):
+                n0 = len(launches)
+                us = time_call(fn, args.n, repeats=25)
+                assert len(launches) > n0  # really launched (the fake C launcher ran)
+                print(f"  knobs {'unset' if knob is None else 'set=1'}, {label:<13} {us:7.1f} µs")
+
+
+def _fake_gpu() -> list:
+    """Make CPU tensors take the GPU path (see the module docstring); returns the list the fake
+    C launcher appends to."""
+    import triton
+    import triton.backends.nvidia.driver as nv
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import CompiledKernel, make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    from attnforge.runtime import launch, loader
+
+    class Utils:
+        def fill_tma_descriptor(self, ptr, swizzle, elem, dtype, block, shape, strides, padding):
+            return ("tensormap", ptr, tuple(shape), tuple(strides))
+
+    class Driver:
+        utils = Utils()
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 1234
+
+    driver = Driver()
+    triton.runtime.driver._active = driver
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    launches: list = []
+    kind = loader.device_kind
+    loader.device_kind = lambda d: "cuda-sm90" if getattr(d, "type", None) == "cpu" else kind(d)
+    default = launch._default_fwd
+    launch._default_fwd = lambda device, *a: default(torch.device("cuda"), *a)
+    launch._has_tma = lambda device: True
+    launch._sm_count = lambda device: 132
+
+    def c_launch(*a):
+        launches.append(len(a))
+
+    def compiled(jit, spec, bound):
+        """A CompiledKernel whose launcher is Triton's CudaLauncher over ``c_launch``."""
+        sig = {i: "constexpr" if p.is_constexpr else spec[i][0] for i, p in enumerate(jit.params)}
+        values = list(bound.values())
+        metas = [{"swizzle": 3, "elem_size": 2, "elem_type": 10, "fp4_padded": False,
+                  "block_size": list(values[i].block_shape)}
+                 for i, t in sig.items() if t.startswith("tensordesc")]  # fmt: skip
+        run = nv.CudaLauncher.__new__(nv.CudaLauncher)
+        run.num_ctas, run.launch_cooperative_grid, run.launch_pdl = 1, False, False
+        run.global_scratch_size = run.profile_scratch_size = 0
+        run.global_scratch_align = run.profile_scratch_align = 1
+        run.launch = nv.wrap_handle_tensordesc(c_launch, sig, metas)
+        kernel = object.__new__(CompiledKernel)
+        kernel.function, kernel.packed_metadata, kernel._run = 1, 2, run
+        return kernel
+
+    def fake(launcher):
+        jit = launcher.jit
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        kernels, keys = {}, {}
+        jit.device_caches[0] = (kernels, keys, target, backend, binder)
+        launcher._device, launcher._stream = driver.get_current_device, driver.get_current_stream
+        launcher.store = None  # nothing to keep: no binaries
+
+        def run(*a, grid, warmup, **kw):  # JITFunction.run with a fake compile
+            kw["debug"] = kw.get("debug", jit.debug) or knobs.runtime.debug
+            kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            bound, spec, options = binder(*a, **kw)
+            key = compute_cache_key(keys, spec, options)
+            kernel = kernels.get(key) or kernels.setdefault(key, compiled(jit, spec, bound))
+            kernel.run(grid[0], 1, 1, 1234, 1, 2, None, None, None, *bound.values())
+            return kernel
+
+        jit.run = run
+
+    original = cache._import_kernel
+
+    def import_kernel(*a, **kw):
+        module = original(*a, **kw)
+        for value in vars(module).values():
+            if isinstance(value, loader.Launcher):
+                fake(value)
+        return module
+
+    cache._import_kernel = import_kernel
+    return launches
 
 
 def _fwd_launch_kind() -> str:
