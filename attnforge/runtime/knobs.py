@@ -90,6 +90,30 @@ def environ_get_fast(name: str):
     return get
 
 
+def reader(name: str) -> Callable[[], Any]:
+    """A zero-argument ``get(name)`` for knobs read on every call: the text comes from
+    :func:`environ_get_fast` and its parsed value is remembered per text (a changed variable is
+    parsed anew; a bad value raises, as ``get`` does).  Declare the knob first."""
+    knob = _REGISTRY[name]
+    raw = environ_get_fast(name)
+    parse = _PARSERS[knob.type]
+    seen: dict[str, Any] = {}
+
+    def read() -> Any:
+        text = raw()
+        if text is None:
+            return knob.default() if callable(knob.default) else knob.default
+        value = seen.get(text, seen)
+        if value is seen:
+            value = parse(name, text)
+            if len(seen) >= 16:
+                seen.clear()
+            seen[text] = value
+        return value
+
+    return read
+
+
 def _declare(name: str, type: str, default: Any, doc: str) -> Knob:
     if not name.startswith("ATTNFORGE_"):
         raise ValueError(f"knob {name!r} must start with ATTNFORGE_")
