@@ -30,7 +30,9 @@ import cProfile
 import functools
 import gc
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -252,6 +254,13 @@ def gpu_overhead(args) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def _fake_gpu() -> list:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import fake_gpu
+
+    return fake_gpu.install()
+
+
 def fake_gpu_overhead(args) -> None:
     """``--fake-gpu``: µs per call of the ``--gpu`` case on CPU (see the module docstring), with
     the knobs unset and set to 1 (the ``--gpu`` run sets them: a set knob is parsed per read),
@@ -295,95 +304,8 @@ def fake_gpu_overhead(args) -> None:
                 n0 = len(launches)
                 us = time_call(fn, args.n, repeats=25)
                 assert len(launches) > n0  # really launched (the fake C launcher ran)
+                launches.clear()
                 print(f"  knobs {'unset' if knob is None else 'set=1'}, {label:<13} {us:7.1f} µs")
-
-
-def _fake_gpu() -> list:
-    """Make CPU tensors take the GPU path (see the module docstring); returns the list the fake
-    C launcher appends to."""
-    import triton
-    import triton.backends.nvidia.driver as nv
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import CompiledKernel, make_backend
-    from triton.runtime.jit import compute_cache_key, create_function_from_signature
-
-    from attnforge.runtime import launch, loader
-
-    class Utils:
-        def fill_tma_descriptor(self, ptr, swizzle, elem, dtype, block, shape, strides, padding):
-            return ("tensormap", ptr, tuple(shape), tuple(strides))
-
-    class Driver:
-        utils = Utils()
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 1234
-
-    driver = Driver()
-    triton.runtime.driver._active = driver
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    launches: list = []
-    kind = loader.device_kind
-    loader.device_kind = lambda d: "cuda-sm90" if getattr(d, "type", None) == "cpu" else kind(d)
-    default = launch._default_fwd
-    launch._default_fwd = lambda device, *a: default(torch.device("cuda"), *a)
-    launch._has_tma = lambda device: True
-    launch._sm_count = lambda device: 132
-
-    def c_launch(*a):
-        launches.append(len(a))
-
-    def compiled(jit, spec, bound):
-        """A CompiledKernel whose launcher is Triton's CudaLauncher over ``c_launch``."""
-        sig = {i: "constexpr" if p.is_constexpr else spec[i][0] for i, p in enumerate(jit.params)}
-        values = list(bound.values())
-        metas = [{"swizzle": 3, "elem_size": 2, "elem_type": 10, "fp4_padded": False,
-                  "block_size": list(values[i].block_shape)}
-                 for i, t in sig.items() if t.startswith("tensordesc")]  # fmt: skip
-        run = nv.CudaLauncher.__new__(nv.CudaLauncher)
-        run.num_ctas, run.launch_cooperative_grid, run.launch_pdl = 1, False, False
-        run.global_scratch_size = run.profile_scratch_size = 0
-        run.global_scratch_align = run.profile_scratch_align = 1
-        run.launch = nv.wrap_handle_tensordesc(c_launch, sig, metas)
-        kernel = object.__new__(CompiledKernel)
-        kernel.function, kernel.packed_metadata, kernel._run = 1, 2, run
-        return kernel
-
-    def fake(launcher):
-        jit = launcher.jit
-        binder = create_function_from_signature(jit.signature, jit.params, backend)
-        kernels, keys = {}, {}
-        jit.device_caches[0] = (kernels, keys, target, backend, binder)
-        launcher._device, launcher._stream = driver.get_current_device, driver.get_current_stream
-        launcher.store = None  # nothing to keep: no binaries
-
-        def run(*a, grid, warmup, **kw):  # JITFunction.run with a fake compile
-            kw["debug"] = kw.get("debug", jit.debug) or knobs.runtime.debug
-            kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            bound, spec, options = binder(*a, **kw)
-            key = compute_cache_key(keys, spec, options)
-            kernel = kernels.get(key) or kernels.setdefault(key, compiled(jit, spec, bound))
-            kernel.run(grid[0], 1, 1, 1234, 1, 2, None, None, None, *bound.values())
-            return kernel
-
-        jit.run = run
-
-    original = cache._import_kernel
-
-    def import_kernel(*a, **kw):
-        module = original(*a, **kw)
-        for value in vars(module).values():
-            if isinstance(value, loader.Launcher):
-                fake(value)
-        return module
-
-    cache._import_kernel = import_kernel
-    return launches
 
 
 def _fwd_launch_kind() -> str:
