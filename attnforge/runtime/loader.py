@@ -651,7 +651,8 @@ class Launcher:
 
         ``fresh`` > 0 also vouches that only ``args[:fresh]`` (tensors), the descriptors over
         them (same shape, strides, block shape, padding) and ``args[-n_tail:]`` change between
-        calls; then a direct launch also leaves its :class:`_RawPlanned` in ``memo[RAW_PLANNED]``."""
+        calls; then a direct launch also leaves a :class:`_RawPlanned` in
+        ``memo[RAW_PLANNED]``."""
         tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
         if (tk is None or self._device is None or self.jit.pre_run_hooks
                 or not _direct_enabled() or not _hooks_empty(tk.runtime)
@@ -1220,9 +1221,6 @@ class _RawPlanned:
 
 
 _MAX_MAPS = 64  # descriptor expansions kept per _RawPlanned descriptor (then start over)
-
-
-
 
 
 def _torch_tensor():
