@@ -8,7 +8,7 @@ specialising the arguments) comes on top on a GPU and is not measured here.
 
     PYTHONPATH=. python bench/bench_host_overhead.py            # table of µs per call
     PYTHONPATH=. python bench/bench_host_overhead.py --profile "causal grad"   # cProfile a row
-    PYTHONPATH=. python bench/bench_host_overhead.py --fake-gpu [--profile]   # the GPU path on CPU
+    PYTHONPATH=. python bench/bench_host_overhead.py --fake-gpu [--profile same]  # GPU path, CPU
 
 ``--fake-gpu`` (CPU) runs the ``--gpu`` case (1x1x128x64 bf16, cached causal block mask, no
 grad) down the path a GPU call takes: compiled-kernel modules with ``loader.Launcher``, the TMA

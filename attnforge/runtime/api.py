@@ -163,13 +163,15 @@ class _Plan:
     """What a call computed that its repeats can reuse (see the comment above)."""
 
     __slots__ = ("call", "kind", "device", "bm_ref", "bm_fields", "bm_getter", "bm", "score_mod",
-                 "score_ir", "mask_ir", "memo")  # fmt: skip
+                 "score_ir", "mask_ir", "memo", "interpret", "slots")  # fmt: skip
 
     @classmethod
     def make(cls, call, kind, device, user_mask, score_mod, score_ir, mask_ir) -> _Plan | None:
         plan = cls()
         plan.score_mod = score_mod  # held: its id is in the key
         plan.kind, plan.device = kind, device
+        plan.interpret = loader.interpret_text()  # (what the kind was made with: see run)
+        plan.slots = bool(call.lowered.slots)
         plan.score_ir, plan.mask_ir = score_ir, mask_ir
         plan.bm_ref = plan.bm_fields = plan.bm_getter = None
         # The user's block mask is held weakly (the plan goes with it, see _remember_plan); a
@@ -191,22 +193,24 @@ class _Plan:
         if score_mod is not self.score_mod:
             return None
         if block_mask is not None:
-            if self.bm_ref() is not block_mask:
+            if self.bm_ref() is not block_mask or not all(
+                map(operator.is_, self.bm_getter(block_mask), self.bm_fields)
+            ):
                 return None
-            now = self.bm_getter(block_mask)
-            for a, b in zip(now, self.bm_fields):
-                if a is not b:
-                    return None
         bm = block_mask if self.bm is None else self.bm
         _, score_ir, score_params = current_mod(score_mod, "score")
         _, mask_ir, mask_params = current_mod(bm.mask_mod, "mask")
         if score_ir is not self.score_ir or mask_ir is not self.mask_ir:
             return None
-        if loader.device_kind(self.device) != self.kind:
+        # the device kind depends on the device (the plan's) and ATTNFORGE_INTERPRET's text only
+        if (
+            loader.interpret_text() != self.interpret
+            and loader.device_kind(self.device) != self.kind
+        ):
             return None
         call = self.call
         tensors = ()
-        if call.lowered.slots:
+        if self.slots:
             scalars, tensors = launch.slot_values(call.lowered, score_params, mask_params)
             for t in tensors:
                 if t.device != self.device:

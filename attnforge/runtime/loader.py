@@ -306,7 +306,8 @@ def triton_library_interpreted() -> bool:
 
 
 _kinds: dict = {}
-_interpret_raw = _knobs.environ_get_fast("ATTNFORGE_INTERPRET")
+# ATTNFORGE_INTERPRET's text (device_kind's memo key with the device)
+interpret_text = _knobs.environ_get_fast("ATTNFORGE_INTERPRET")
 
 
 def device_kind(device) -> str:
@@ -316,7 +317,7 @@ def device_kind(device) -> str:
     if getattr(device, "type", None) == "cpu":
         return "cpu-interp"
     try:
-        kind = _kinds.get((device, _interpret_raw()))  # a torch.device seen before
+        kind = _kinds.get((device, interpret_text()))  # a torch.device seen before
     except TypeError:  # unhashable
         kind = None
     if kind is not None:
@@ -326,7 +327,7 @@ def device_kind(device) -> str:
     device = torch.device(device)
     if device.type == "cpu":
         return "cpu-interp"
-    key = (device, _interpret_raw())
+    key = (device, interpret_text())
     kind = _kinds.get(key)
     if kind is None:
         kind = _kinds[key] = _device_kind(device)
@@ -488,6 +489,7 @@ def _desc_key(d) -> tuple:
 
 
 _UNSUPPORTED = object()  # a layout that always takes Triton's path
+_LOW_BITS = (127).__and__  # an address's low 7 bits (Triton specialises on 16-byte alignment)
 _dtype_of = operator.attrgetter("dtype")
 _data_ptr = operator.methodcaller("data_ptr")
 
@@ -1091,8 +1093,8 @@ class _RawPlans:
                 self.by[raw.low, key[4]] = raw
 
     def __call__(self, fresh: tuple, tail: tuple, extra) -> bool:
-        ptrs = [t.data_ptr() for t in fresh]
-        low = [p & 127 for p in ptrs]
+        ptrs = list(map(_data_ptr, fresh))
+        low = list(map(_LOW_BITS, ptrs))
         values = ()
         if tail:
             values = list(tail)
@@ -1116,7 +1118,7 @@ class _RawPlanned:
     bits, ``extra``); the caller then takes ``launch_planned``."""
 
     __slots__ = ("launcher", "jit", "key", "c_launch", "template", "fresh_at", "descs", "tail_at",
-                 "tail_tensor", "fixed", "low", "has_descs")  # fmt: skip
+                 "tail_tensor", "fixed", "fixed_ptrs", "low", "has_descs")  # fmt: skip
 
     @classmethod
     def make(cls, launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos):
@@ -1134,7 +1136,8 @@ class _RawPlanned:
         template = [grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, None, function,
                     coop, pdl, None, None, packed, None, None, None]  # fmt: skip
         self = cls()
-        self.fresh_at, self.descs, self.fixed = [], [], []
+        self.fresh_at = len(template)
+        self.descs, self.fixed, self.fixed_ptrs = [], [], []
         self.tail_at = None
         for i, a in enumerate(args):
             at = len(template)
@@ -1143,8 +1146,7 @@ class _RawPlanned:
             if i < fresh:
                 if not isinstance(a, tensor_type):
                     return None
-                self.fresh_at.append(at)
-                template.append(None)
+                template.append(None)  # args[:fresh]: template[13 : 13 + fresh]
             elif i >= tail_start:
                 template.append(None)
             elif i in desc_meta:
@@ -1161,7 +1163,8 @@ class _RawPlanned:
                                    {address[base]: expansion}))  # fmt: skip
                 template += expansion
             elif isinstance(a, tensor_type):
-                self.fixed.append((a, address[i]))
+                self.fixed.append(a)
+                self.fixed_ptrs.append(address[i])
                 template.append(address[i])
             elif a is None or type(a) in (int, bool, float, str):
                 template.append(a)
@@ -1193,15 +1196,14 @@ class _RawPlanned:
         if (device != key[0] or tk.runtime.debug != key[1]
                 or tk.compilation.instrumentation_mode != key[2]):  # fmt: skip
             return False
-        for t, p in self.fixed:
-            if t.data_ptr() != p:
-                return False  # moved storage (set_, .data =): launch_planned reads it anew
+        if self.fixed and list(map(_data_ptr, self.fixed)) != self.fixed_ptrs:
+            return False  # moved storage (set_, .data =): launch_planned reads it anew
         args = self.template.copy()
         if tail:
             at = self.tail_at
             args[at : at + len(tail)] = tail
-        for at, p in zip(self.fresh_at, ptrs):
-            args[at] = p
+        at = self.fresh_at
+        args[at : at + len(ptrs)] = ptrs
         for at, n, base, make, meta, fields, desc_type, maps in self.descs:
             p = ptrs[base]
             expansion = maps.get(p)
