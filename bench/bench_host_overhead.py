@@ -229,6 +229,15 @@ def gpu_overhead(args) -> None:
         same = all(torch.equal(o, outs[settings[0]]) for o in outs.values())
         print(f"outputs bit-identical across settings: {same}; forward launched by: "
               f"{_fwd_launch_kind()}", flush=True)  # fmt: skip
+        # new tensors (new addresses, fresh TMA maps) every call: the same bits as Triton's path
+        pool = [[torch.randn_like(q) for _ in range(3)] for _ in range(8)]
+        fresh = []
+        for setting in (("1", "1"), ("0", "1")):
+            use(setting)
+            fresh.append([af.flex_attention(*t, block_mask=bm).clone() for t in pool * 3])
+        print(f"new tensors every call, bit-identical to Triton's launch path: "
+              f"{all(map(torch.equal, *fresh))}", flush=True)  # fmt: skip
+        _alloc_costs(q)
         # CPU time per call: bursts short enough that the launch queue never fills
         for setting in settings:
             label = use(setting)
@@ -252,6 +261,32 @@ def gpu_overhead(args) -> None:
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def _alloc_costs(q) -> None:
+    """Host µs of the forward's two output allocations, and of alternatives."""
+    out_shape, lse_shape, dev = q.shape, q.shape[:-1], q.device
+    f32 = torch.float32
+    n_out = q.numel()
+
+    def split():  # one allocation, two views (out in q's dtype, lse fp32)
+        buf = torch.empty(n_out + 2 * lse_shape.numel(), dtype=q.dtype, device=dev)
+        return buf[:n_out].view(out_shape), buf[n_out:].view(f32).view(lse_shape)
+
+    ways = {
+        "torch.empty x2": lambda: (torch.empty(out_shape, dtype=q.dtype, device=dev),
+                                   torch.empty(lse_shape, dtype=f32, device=dev)),
+        "q.new_empty x2": lambda: (q.new_empty(out_shape), q.new_empty(lse_shape, dtype=f32)),
+        "one empty + views": split,
+    }  # fmt: skip
+    for label, fn in ways.items():
+        best = float("inf")
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / 500 * 1e6)
+        print(f"  out+lse allocation, {label}: {best:.2f} us", flush=True)
 
 
 def _fake_gpu() -> list:
@@ -284,9 +319,10 @@ def fake_gpu_overhead(args) -> None:
 
     with torch.no_grad():
         same()
-        launcher = next(iter(cache._memory.values()))["fwd"]._attn_fwd
-        kinds = ", ".join(sorted({type(fast).__name__ for _, fast in launcher._runs.values()}))
-        print(f"fake GPU path (torch {torch.__version__}): forward launched by {kinds}")
+        for _ in range(10):
+            same()
+        print(f"fake GPU path (torch {torch.__version__}): forward launched by "
+              f"{_fwd_launch_kind()}")  # fmt: skip
         if args.profile:
             for _ in range(100):
                 same()
@@ -310,11 +346,18 @@ def fake_gpu_overhead(args) -> None:
 
 def _fwd_launch_kind() -> str:
     """What the forward's direct launches call: Triton's launcher or the raw TMA launch."""
+    from attnforge.runtime import api, loader
+
+    raw = 0
+    for plan in api._plans.values():
+        raws = getattr(plan.memo.get("fwd"), "memo", {}).get(loader.RAW_PLANNED)
+        raw += len(getattr(raws, "by", ()))
     for mods in cache._memory.values():
         launcher = getattr(mods.get("fwd"), "_attn_fwd", None)
         runs = getattr(launcher, "_runs", None)
         if runs:
-            return ", ".join(sorted({type(fast).__name__ for _, fast in runs.values()}))
+            kinds = ", ".join(sorted({type(fast).__name__ for _, fast in runs.values()}))
+            return f"{kinds} (raw planned launches recorded: {raw})"
     return "unknown (no direct launch recorded)"
 
 
