@@ -169,8 +169,9 @@ def _patch_loader() -> None:
     cache._load_or_build = load
 
 
-def profile(args) -> None:
-    fn = _runners(args)[args.profile]
+def profile(args, fn=None) -> None:
+    """cProfile ``args.n`` calls of ``fn`` (default: the row ``args.profile``)."""
+    fn = fn or _runners(args)[args.profile]
     for _ in range(100):
         fn()
     prof = cProfile.Profile()
@@ -324,15 +325,7 @@ def fake_gpu_overhead(args) -> None:
         print(f"fake GPU path (torch {torch.__version__}): forward launched by "
               f"{_fwd_launch_kind()}")  # fmt: skip
         if args.profile:
-            for _ in range(100):
-                same()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.n):
-                same()
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-            return
+            return profile(args, same)
         for knob in (None, "1"):
             for name in ("ATTNFORGE_DIRECT_LAUNCH", "ATTNFORGE_FAST_TMA_LAUNCH"):
                 os.environ.pop(name, None) if knob is None else os.environ.__setitem__(name, knob)
