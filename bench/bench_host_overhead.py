@@ -8,6 +8,15 @@ specialising the arguments) comes on top on a GPU and is not measured here.
 
     PYTHONPATH=. python bench/bench_host_overhead.py            # table of µs per call
     PYTHONPATH=. python bench/bench_host_overhead.py --profile "causal grad"   # cProfile a row
+    PYTHONPATH=. python bench/bench_host_overhead.py --fake-gpu [--profile same]  # GPU path, CPU
+
+``--fake-gpu`` (CPU) runs the ``--gpu`` case (1x1x128x64 bf16, cached causal block mask, no
+grad) down the path a GPU call takes: compiled-kernel modules with ``loader.Launcher``, the TMA
+forward (descriptors), the per-call plan's ``Launcher.launch_planned`` and Triton's real
+``CudaLauncher`` + ``wrap_handle_tensordesc`` (so ``tma_launch``'s raw launch), with a fake
+driver (device 0, stream 1234), a fake ``fill_tma_descriptor`` and a no-op C launcher; the first
+launch binds with Triton's real binder.  Not measured: the C launcher's argument parsing and
+``cuLaunchKernelEx`` (~5 µs on the H100 host), CUDA ``torch.empty`` (~5 µs each there).
 
 Cases: no mods; causal block mask (cached); ALiBi score mod reading a captured slopes tensor;
 a text-spec variant ``attn(q, k, v)`` (softcap + causal); each with and without
@@ -21,7 +30,9 @@ import cProfile
 import functools
 import gc
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -126,10 +137,13 @@ def main() -> None:
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--profile", metavar="ROW", help="cProfile one row (its label) instead")
     p.add_argument("--gpu", action="store_true", help="real launches on CUDA (see gpu_overhead)")
+    p.add_argument("--fake-gpu", action="store_true", help="the --gpu case's GPU path on CPU")
     args = p.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if args.gpu:
         return gpu_overhead(args)
+    if args.fake_gpu:
+        return fake_gpu_overhead(args)
     _patch_loader()  # before the first call: kernels are loaded, stubbed, never run
     if args.profile:
         return profile(args)
@@ -155,8 +169,9 @@ def _patch_loader() -> None:
     cache._load_or_build = load
 
 
-def profile(args) -> None:
-    fn = _runners(args)[args.profile]
+def profile(args, fn=None) -> None:
+    """cProfile ``args.n`` calls of ``fn`` (default: the row ``args.profile``)."""
+    fn = fn or _runners(args)[args.profile]
     for _ in range(100):
         fn()
     prof = cProfile.Profile()
@@ -215,6 +230,15 @@ def gpu_overhead(args) -> None:
         same = all(torch.equal(o, outs[settings[0]]) for o in outs.values())
         print(f"outputs bit-identical across settings: {same}; forward launched by: "
               f"{_fwd_launch_kind()}", flush=True)  # fmt: skip
+        # new tensors (new addresses, fresh TMA maps) every call: the same bits as Triton's path
+        pool = [[torch.randn_like(q) for _ in range(3)] for _ in range(8)]
+        fresh = []
+        for setting in (("1", "1"), ("0", "1")):
+            use(setting)
+            fresh.append([af.flex_attention(*t, block_mask=bm).clone() for t in pool * 3])
+        print(f"new tensors every call, bit-identical to Triton's launch path: "
+              f"{all(map(torch.equal, *fresh))}", flush=True)  # fmt: skip
+        _alloc_costs(q)
         # CPU time per call: bursts short enough that the launch queue never fills
         for setting in settings:
             label = use(setting)
@@ -240,13 +264,93 @@ def gpu_overhead(args) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def _alloc_costs(q) -> None:
+    """Host µs of the forward's two output allocations, and of alternatives."""
+    out_shape, lse_shape, dev = q.shape, q.shape[:-1], q.device
+    f32 = torch.float32
+    n_out = q.numel()
+
+    def split():  # one allocation, two views (out in q's dtype, lse fp32)
+        buf = torch.empty(n_out + 2 * lse_shape.numel(), dtype=q.dtype, device=dev)
+        return buf[:n_out].view(out_shape), buf[n_out:].view(f32).view(lse_shape)
+
+    ways = {
+        "torch.empty x2": lambda: (torch.empty(out_shape, dtype=q.dtype, device=dev),
+                                   torch.empty(lse_shape, dtype=f32, device=dev)),
+        "q.new_empty x2": lambda: (q.new_empty(out_shape), q.new_empty(lse_shape, dtype=f32)),
+        "one empty + views": split,
+    }  # fmt: skip
+    for label, fn in ways.items():
+        best = float("inf")
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / 500 * 1e6)
+        print(f"  out+lse allocation, {label}: {best:.2f} us", flush=True)
+
+
+def _fake_gpu() -> list:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import fake_gpu
+
+    return fake_gpu.install()
+
+
+def fake_gpu_overhead(args) -> None:
+    """``--fake-gpu``: µs per call of the ``--gpu`` case on CPU (see the module docstring), with
+    the knobs unset and set to 1 (the ``--gpu`` run sets them: a set knob is parsed per read),
+    same tensors every call and new tensors (new addresses) every call."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("ATTNFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="af-fake-gpu-"))
+    launches = _fake_gpu()
+    L, D = 128, 64
+    q, k, v = (torch.randn(1, 1, L, D, dtype=torch.bfloat16) for _ in range(3))
+    pool = [[torch.randn(1, 1, L, D, dtype=torch.bfloat16) for _ in range(3)] for _ in range(8)]
+    bm = af.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device="cpu")
+    turn = iter(range(1 << 62))
+
+    def same():
+        return af.flex_attention(q, k, v, block_mask=bm)
+
+    def fresh():
+        return af.flex_attention(*pool[next(turn) % 8], block_mask=bm)
+
+    with torch.no_grad():
+        same()
+        for _ in range(10):
+            same()
+        print(f"fake GPU path (torch {torch.__version__}): forward launched by "
+              f"{_fwd_launch_kind()}")  # fmt: skip
+        if args.profile:
+            return profile(args, same)
+        for knob in (None, "1"):
+            for name in ("ATTNFORGE_DIRECT_LAUNCH", "ATTNFORGE_FAST_TMA_LAUNCH"):
+                os.environ.pop(name, None) if knob is None else os.environ.__setitem__(name, knob)
+            for label, fn in (("same tensors", same), ("new tensors", fresh)):
+                n0 = len(launches)
+                us = time_call(fn, args.n, repeats=25)
+                assert len(launches) > n0  # really launched (the fake C launcher ran)
+                launches.clear()
+                print(f"  knobs {'unset' if knob is None else 'set=1'}, {label:<13} {us:7.1f} µs")
+
+
 def _fwd_launch_kind() -> str:
     """What the forward's direct launches call: Triton's launcher or the raw TMA launch."""
+    from attnforge.runtime import api, loader
+
+    raw = 0
+    for plan in api._plans.values():
+        raws = getattr(plan.memo.get("fwd"), "memo", {}).get(loader.RAW_PLANNED)
+        raw += len(getattr(raws, "by", ()))
     for mods in cache._memory.values():
         launcher = getattr(mods.get("fwd"), "_attn_fwd", None)
         runs = getattr(launcher, "_runs", None)
         if runs:
-            return ", ".join(sorted({type(fast).__name__ for _, fast in runs.values()}))
+            kinds = ", ".join(sorted({type(fast).__name__ for _, fast in runs.values()}))
+            return f"{kinds} (raw planned launches recorded: {raw})"
     return "unknown (no direct launch recorded)"
 
 

@@ -312,3 +312,19 @@ def test_fast_environ_read_agrees_with_os_environ(monkeypatch):
         assert get() == os.environ.get("ATTNFORGE_TEST_FAST_READ") == text
     monkeypatch.delenv("ATTNFORGE_TEST_FAST_READ")
     assert get() is None
+
+
+def test_knob_reader_agrees_with_knobs_get(monkeypatch):
+    from attnforge.runtime import knobs
+
+    name = "ATTNFORGE_FAST_TMA_LAUNCH"
+    read = knobs.reader(name)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is knobs.get(name) is True
+    for text in ("0", "1", " on ", "off", "", "0", "yes"):
+        monkeypatch.setenv(name, text)
+        assert read() is knobs.get(name), text
+    monkeypatch.setenv(name, "maybe")
+    for get in (read, lambda: knobs.get(name)):
+        with pytest.raises(ValueError, match="not a boolean"):
+            get()

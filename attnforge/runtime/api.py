@@ -73,7 +73,10 @@ def flex_attention(
     pkey = _plan_key(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                      kernel_options, return_aux)  # fmt: skip
     if pkey is not None:
-        plan = _plans.get(pkey)
+        try:
+            plan = _plans.get(pkey)
+        except TypeError:  # an unhashable value (a kernel_options value, say): never planned
+            plan = pkey = None
         if plan is not None:
             done = plan.run(query, key, value, score_mod, block_mask)
             if done is not None:
@@ -142,33 +145,33 @@ _BM_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indi
 
 def _plan_key(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, options, aux):
     """The key of a call's plan, or None where a call is never planned (tensor subclasses,
-    tensor scale, ``return_aux``, unhashable values)."""
+    tensor scale, ``return_aux``; unhashable values: the lookup raises TypeError)."""
     if (type(q) not in _PLAIN_TENSORS or type(k) not in _PLAIN_TENSORS
             or type(v) not in _PLAIN_TENSORS or aux is not None
             or isinstance(scale, torch.Tensor)):  # fmt: skip
         return None
     try:
         opts = None if options is None else tuple(options.items())
-        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
-               v.dtype, q.device, k.device, v.device, id(score_mod), id(block_mask), scale,
-               enable_gqa, return_lse, opts)  # fmt: skip
-        hash(key)
+        return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype,
+                k.dtype, v.dtype, q.device, k.device, v.device, id(score_mod), id(block_mask),
+                scale, enable_gqa, return_lse, opts)  # fmt: skip
     except (TypeError, AttributeError):
         return None
-    return key
 
 
 class _Plan:
     """What a call computed that its repeats can reuse (see the comment above)."""
 
     __slots__ = ("call", "kind", "device", "bm_ref", "bm_fields", "bm_getter", "bm", "score_mod",
-                 "score_ir", "mask_ir", "memo")  # fmt: skip
+                 "score_ir", "mask_ir", "memo", "interpret", "slots")  # fmt: skip
 
     @classmethod
     def make(cls, call, kind, device, user_mask, score_mod, score_ir, mask_ir) -> _Plan | None:
         plan = cls()
         plan.score_mod = score_mod  # held: its id is in the key
         plan.kind, plan.device = kind, device
+        plan.interpret = loader.interpret_text()  # (what the kind was made with: see run)
+        plan.slots = bool(call.lowered.slots)
         plan.score_ir, plan.mask_ir = score_ir, mask_ir
         plan.bm_ref = plan.bm_fields = plan.bm_getter = None
         # The user's block mask is held weakly (the plan goes with it, see _remember_plan); a
@@ -190,30 +193,39 @@ class _Plan:
         if score_mod is not self.score_mod:
             return None
         if block_mask is not None:
-            if self.bm_ref() is not block_mask:
+            if self.bm_ref() is not block_mask or not all(
+                map(operator.is_, self.bm_getter(block_mask), self.bm_fields)
+            ):
                 return None
-            now = self.bm_getter(block_mask)
-            for a, b in zip(now, self.bm_fields):
-                if a is not b:
-                    return None
         bm = block_mask if self.bm is None else self.bm
         _, score_ir, score_params = current_mod(score_mod, "score")
         _, mask_ir, mask_params = current_mod(bm.mask_mod, "mask")
         if score_ir is not self.score_ir or mask_ir is not self.mask_ir:
             return None
-        if loader.device_kind(self.device) != self.kind:
+        # the device kind depends on the device (the plan's) and ATTNFORGE_INTERPRET's text only
+        if (
+            loader.interpret_text() != self.interpret
+            and loader.device_kind(self.device) != self.kind
+        ):
             return None
         call = self.call
         tensors = ()
-        if call.lowered.slots:
+        if self.slots:
             scalars, tensors = launch.slot_values(call.lowered, score_params, mask_params)
             for t in tensors:
                 if t.device != self.device:
                     return None  # the full path raises
-            call = call.copy_with(block_mask=bm, scalars=scalars)
-        else:
-            call = call.copy_with(block_mask=bm)
-        out, lse = attention(call, q, k, v, tensors)
+            call = call.copy_with(scalars=scalars)
+        # no gradient needed (autograd.attention's test): the recorded forward launch directly
+        # (it reads neither the block mask nor anything else of ``call`` a repeat call changes)
+        fwd = self.memo.get("fwd")
+        if fwd is not None and not (torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad
+                or any(t.requires_grad for t in tensors))):  # fmt: skip
+            done = fwd(call, q, k, v, tensors)
+            if done is not None:
+                return done if call.return_lse else done[0]
+        out, lse = attention(call.copy_with(block_mask=bm), q, k, v, tensors)
         return (out, lse) if call.return_lse else out
 
 

@@ -77,17 +77,54 @@ def environ_get_fast(name: str):
     """A zero-argument ``os.environ.get(name)`` for reads on every launch: a plain dict lookup
     where ``os.environ`` keeps one (CPython on POSIX: ``_data`` with encoded keys, through which
     every ``os.environ`` read and write goes, so the answer is the same; ~1 µs less a read)."""
-    env = os.environ
-    data, encode, decode = (getattr(env, n, None) for n in ("_data", "encodekey", "decodevalue"))
-    if type(data) is not dict or encode is None or decode is None:
+    fast = _environ_data(name)
+    if fast is None:
+        env = os.environ
         return lambda: env.get(name)
-    key = encode(name)
+    data, key, decode = fast
 
     def get() -> str | None:
         raw = data.get(key)
         return None if raw is None else decode(raw)
 
     return get
+
+
+def _environ_data(name: str):
+    """``(os.environ's dict, name's key in it, decode)``, or None where it keeps none."""
+    env = os.environ
+    data, encode, decode = (getattr(env, n, None) for n in ("_data", "encodekey", "decodevalue"))
+    if type(data) is not dict or encode is None or decode is None:
+        return None
+    return data, encode(name), decode
+
+
+def reader(name: str) -> Callable[[], Any]:
+    """A zero-argument ``get(name)`` for knobs read on every call: one dict lookup in
+    ``os.environ``'s own dict (as :func:`environ_get_fast`), and the parsed value remembered
+    per raw text (a changed variable is parsed anew; a bad value raises, as ``get`` does)."""
+    knob = _REGISTRY[name]
+    parse = _PARSERS[knob.type]
+    seen: dict = {}
+    fast = _environ_data(name)
+    if fast is None or callable(knob.default):
+        return knob.get
+    data, key, decode = fast
+    default = knob.default
+
+    def read() -> Any:
+        raw = data.get(key)
+        if raw is None:
+            return default
+        value = seen.get(raw, seen)
+        if value is seen:
+            value = parse(name, decode(raw))
+            if len(seen) >= 16:
+                seen.clear()
+            seen[raw] = value
+        return value
+
+    return read
 
 
 def _declare(name: str, type: str, default: Any, doc: str) -> Knob:

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import knobs as _knobs
+from . import tma_launch as _tma
 from . import triton_key
 
 _ENV = "TRITON_INTERPRET"
@@ -306,6 +307,8 @@ def triton_library_interpreted() -> bool:
 
 
 _kinds: dict = {}
+# ATTNFORGE_INTERPRET's text (device_kind's memo key with the device)
+interpret_text = _knobs.environ_get_fast("ATTNFORGE_INTERPRET")
 
 
 def device_kind(device) -> str:
@@ -314,12 +317,18 @@ def device_kind(device) -> str:
     Memoised per (device, ATTNFORGE_INTERPRET text): it runs on every attention call."""
     if getattr(device, "type", None) == "cpu":
         return "cpu-interp"
+    try:
+        kind = _kinds.get((device, interpret_text()))  # a torch.device seen before
+    except TypeError:  # unhashable
+        kind = None
+    if kind is not None:
+        return kind
     import torch
 
     device = torch.device(device)
     if device.type == "cpu":
         return "cpu-interp"
-    key = (device, os.environ.get("ATTNFORGE_INTERPRET"))
+    key = (device, interpret_text())
     kind = _kinds.get(key)
     if kind is None:
         kind = _kinds[key] = _device_kind(device)
@@ -396,7 +405,6 @@ def is_interpreted(kind: str) -> bool:
 # ``ATTNFORGE_DIRECT_LAUNCH=0``.
 
 _DIRECT_KNOB = "ATTNFORGE_DIRECT_LAUNCH"
-_DIRECT_DEFAULT = bool(_knobs._lookup(_DIRECT_KNOB).default)
 _SCALAR_TYPES = (int, bool, type(None), str)
 _MAX_ENTRIES = 64  # specialisations remembered per argument layout (then start over)
 _MAX_INDEX = 16  # launch-index records one Launcher writes per process
@@ -447,14 +455,8 @@ def _file_digest(path) -> str:
         return ""
 
 
-_direct_raw = _knobs.environ_get_fast(_DIRECT_KNOB)
-
-
-def _direct_enabled() -> bool:
-    """``knobs.get("ATTNFORGE_DIRECT_LAUNCH")``, read at every call (as every knob is)."""
-    if _direct_raw() is None:
-        return _DIRECT_DEFAULT
-    return _knobs.get(_DIRECT_KNOB)
+# ``knobs.get("ATTNFORGE_DIRECT_LAUNCH")``, read at every call (as every knob is), cheaply
+_direct_enabled = _knobs.reader(_DIRECT_KNOB)
 
 
 class _Layout:
@@ -488,6 +490,7 @@ def _desc_key(d) -> tuple:
 
 
 _UNSUPPORTED = object()  # a layout that always takes Triton's path
+_LOW_BITS = (127).__and__  # an address's low 7 bits (Triton specialises on 16-byte alignment)
 _dtype_of = operator.attrgetter("dtype")
 _data_ptr = operator.methodcaller("data_ptr")
 
@@ -652,7 +655,8 @@ class Launcher:
                 stale = True
         return not stale or self._globals_unchanged()
 
-    def launch_planned(self, grid: tuple, args: tuple, kwargs: dict, memo: dict, extra=()):
+    def launch_planned(self, grid: tuple, args: tuple, kwargs: dict, memo: dict, extra=(),
+                       fresh: int = 0, n_tail: int = 0):  # fmt: skip
         """``self[grid](*args, **kwargs)`` for a caller whose calls sharing ``memo`` (a dict the
         caller owns, one per argument layout) differ only in their tensor arguments (same
         types, dtypes and positions) and in ``extra`` (a hashable of every other argument that
@@ -661,7 +665,12 @@ class Launcher:
         The kernel is looked up by device, Triton's debug knobs, the tensors' low address bits
         and ``extra``; a miss takes :meth:`_launch` once and remembers the kernel it ran.  The
         launcher gets the tensors' addresses as ints (no ``data_ptr()`` call and no
-        ``cuPointerGetAttribute`` per tensor in Triton's C launcher)."""
+        ``cuPointerGetAttribute`` per tensor in Triton's C launcher).
+
+        ``fresh`` > 0 also vouches that only ``args[:fresh]`` (tensors), the descriptors over
+        them (same shape, strides, block shape, padding) and ``args[-n_tail:]`` change between
+        calls; then a direct launch also leaves a :class:`_RawPlanned` in
+        ``memo[RAW_PLANNED]``."""
         tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
         if (tk is None or self._device is None or self.jit.pre_run_hooks
                 or not _direct_enabled() or not _hooks_empty(tk.runtime)
@@ -683,13 +692,18 @@ class Launcher:
         if entry is None:
             kernel = self._launch(grid, *args, **kwargs)
             if len(memo) > _MAX_ENTRIES:
-                memo.clear()
+                memo.clear()  # (the raw launches go too: they are remade on the next hits)
                 memo[_POSITIONS] = pos
             memo[key] = self._entry(args, kwargs) or False
             return kernel
         if entry is False:
             return self._launch(grid, *args, **kwargs)
         launcher, function, packed, tail, kernel = entry
+        if fresh:
+            raws = memo.get(RAW_PLANNED)
+            if raws is None:
+                raws = memo[RAW_PLANNED] = _RawPlans()
+            raws.add(self, grid, args, entry, key, fresh, n_tail, ptrs, pos)
         call_args = list(args)
         for i, p in zip(pos, ptrs):
             call_args[i] = p
@@ -783,9 +797,7 @@ class Launcher:
         tensor-descriptor arguments (``tma_launch``), built once per kernel."""
         known = self._runs.get(id(kernel))
         if known is None or known[0] is not kernel:
-            from . import tma_launch
-
-            known = self._runs[id(kernel)] = (kernel, tma_launch.fast_run(kernel))
+            known = self._runs[id(kernel)] = (kernel, _tma.fast_run(kernel))
         return known[1]
 
     def _make_layout(self, types: tuple, args: tuple, kwargs: dict):
@@ -1063,6 +1075,171 @@ class Launcher:
 
 
 _POSITIONS = object()  # launch_planned's memo key for the tensor argument positions
+# launch_planned's memo key: the _RawPlans of its direct launches with ``fresh`` (or absent)
+RAW_PLANNED = object()
+
+
+class _RawPlans:
+    """A planned launch's :class:`_RawPlanned` by the fresh and tail tensors' low address bits
+    and ``extra``: ``plans(fresh, tail, extra)`` launches and returns True, or launches nothing
+    and returns False (then the caller takes ``launch_planned``)."""
+
+    __slots__ = ("by", "tried", "tail_tensor")
+
+    def __init__(self):
+        self.by: dict = {}  # (low bits, extra) -> _RawPlanned
+        self.tried: dict = {}  # launch_planned's lookup key -> _RawPlanned or False
+        self.tail_tensor = None  # which tail arguments are tensors (one layout per memo)
+
+    def add(self, launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos) -> None:
+        raw = self.tried.get(key)
+        if raw is None:
+            try:
+                raw = _RawPlanned.make(launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos)
+            except Exception as exc:  # noqa: BLE001 - a speed-up only
+                _debug("no raw planned launch for %s: %r", launcher.jit, exc)
+                raw = None
+            if len(self.tried) >= _MAX_ENTRIES:
+                self.tried.clear()
+                self.by.clear()
+            raw = self.tried[key] = raw or False
+        if raw:
+            if self.tail_tensor is None:
+                self.tail_tensor = raw.tail_tensor
+            if raw.tail_tensor == self.tail_tensor:
+                self.by[raw.low, key[4]] = raw
+
+    def __call__(self, fresh: tuple, tail: tuple, extra) -> bool:
+        ptrs = list(map(_data_ptr, fresh))
+        low = list(map(_LOW_BITS, ptrs))
+        values = ()
+        if tail:
+            values = list(tail)
+            for i, is_tensor in enumerate(self.tail_tensor):
+                if is_tensor:
+                    values[i] = p = values[i].data_ptr()
+                    low.append(p & 127)
+        raw = self.by.get((tuple(low), extra))
+        return raw is not None and raw.launch(fresh, ptrs, values)
+
+
+class _RawPlanned:
+    """One planned launch (``Launcher.launch_planned`` with ``fresh``) reduced to one call of the
+    C launcher.  The argument list is kept with every fixed argument in place (fixed tensors as
+    their addresses, re-read and compared at every call); a call fills in the fresh tensors'
+    addresses, the descriptors' expansions (Triton's ``make_tensordesc_arg`` output, kept per
+    descriptor by base address: shape, strides, block shape and padding are fixed by the
+    caller's promise, the descriptor metadata by the kernel) and the tail.  A call launches
+    nothing and returns False unless everything ``launch_planned``'s lookup key holds is as
+    recorded (knobs, hooks, globals, device, Triton's debug knobs, every tensor's low address
+    bits, ``extra``); the caller then takes ``launch_planned``."""
+
+    __slots__ = ("launcher", "jit", "key", "c_launch", "template", "fresh_at", "descs", "tail_at",
+                 "tail_tensor", "fixed", "fixed_ptrs", "low", "has_descs")  # fmt: skip
+
+    @classmethod
+    def make(cls, launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos):
+        run, function, packed, tail, _ = entry
+        parts = _tma.raw_parts(run)
+        tail_start = len(args) - n_tail
+        if parts is None or len(grid) > 3 or not 0 < fresh <= tail_start:
+            return None
+        c_launch, coop, pdl, desc_meta = parts
+        tensor_type, desc_type = _torch_tensor(), _tensor_descriptor_type()
+        address = dict(zip(pos, ptrs))
+        n = len(grid)
+        # CudaLauncher.__call__'s C-launcher call: grid, stream, function, flags, no scratch;
+        # then packed metadata, no launch metadata, no hooks (as launch_planned passes them)
+        template = [grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, None, function,
+                    coop, pdl, None, None, packed, None, None, None]  # fmt: skip
+        self = cls()
+        self.fresh_at = len(template)
+        self.descs, self.fixed, self.fixed_ptrs = [], [], []
+        self.tail_at = None
+        for i, a in enumerate(args):
+            at = len(template)
+            if i == tail_start:
+                self.tail_at = at
+            if i < fresh:
+                if not isinstance(a, tensor_type):
+                    return None
+                template.append(None)  # args[:fresh]: template[13 : 13 + fresh]
+            elif i >= tail_start:
+                template.append(None)
+            elif i in desc_meta:
+                base = next((j for j in range(fresh) if args[j] is a.base), None)
+                if type(a) is not desc_type or base is None:
+                    return None
+                make, meta = desc_meta[i]
+                expansion = list(make(a, meta))
+                fields = dict(shape=list(a.shape), strides=list(a.strides),
+                              block_shape=list(a.block_shape), padding=a.padding)  # fmt: skip
+                if set(vars(a)) != {"base", *fields}:
+                    return None  # a descriptor with more to it than the fields kept here
+                self.descs.append((at, len(expansion), base, make, meta, fields, desc_type,
+                                   {address[base]: expansion}))  # fmt: skip
+                template += expansion
+            elif isinstance(a, tensor_type):
+                self.fixed.append(a)
+                self.fixed_ptrs.append(address[i])
+                template.append(address[i])
+            elif a is None or type(a) in (int, bool, float, str):
+                template.append(a)
+            else:
+                return None
+        if len(self.descs) != len(desc_meta):
+            return None  # a descriptor in the keyword tail
+        template += tail
+        tail_args = args[tail_start:]
+        self.tail_tensor = tuple(isinstance(a, tensor_type) for a in tail_args)
+        self.low = tuple(
+            [address[i] & 127 for i in range(fresh)]
+            + [address[tail_start + j] & 127 for j, t in enumerate(self.tail_tensor) if t]
+        )
+        self.launcher, self.jit, self.key = launcher, launcher.jit, key
+        self.c_launch, self.template, self.has_descs = c_launch, template, bool(desc_meta)
+        return self
+
+    def launch(self, fresh: tuple, ptrs: list, tail: list) -> bool:
+        """Launch with the fresh tensors (``ptrs``: their addresses) and the tail's values
+        (tensors as addresses), or return False where the recorded key does not hold."""
+        launcher, key = self.launcher, self.key
+        tk = _knobs_module
+        if (tk is None or self.jit.pre_run_hooks or not _direct_enabled()
+                or not _hooks_empty(tk.runtime) or (self.has_descs and not _tma.enabled())
+                or not launcher._globals_current()):  # fmt: skip
+            return False
+        device = launcher._device()
+        if (device != key[0] or tk.runtime.debug != key[1]
+                or tk.compilation.instrumentation_mode != key[2]):  # fmt: skip
+            return False
+        if self.fixed and list(map(_data_ptr, self.fixed)) != self.fixed_ptrs:
+            return False  # moved storage (set_, .data =): launch_planned reads it anew
+        args = self.template.copy()
+        if tail:
+            at = self.tail_at
+            args[at : at + len(tail)] = tail
+        at = self.fresh_at
+        args[at : at + len(ptrs)] = ptrs
+        for at, n, base, make, meta, fields, desc_type, maps in self.descs:
+            p = ptrs[base]
+            expansion = maps.get(p)
+            if expansion is None:
+                d = desc_type.__new__(desc_type)
+                d.__dict__.update(fields, base=fresh[base])
+                expansion = list(make(d, meta))
+                if len(expansion) != n:
+                    return False
+                if len(maps) >= _MAX_MAPS:
+                    maps.clear()
+                maps[p] = expansion
+            args[at : at + n] = expansion
+        args[3] = launcher._stream(device)
+        self.c_launch(*args)
+        return True
+
+
+_MAX_MAPS = 64  # descriptor expansions kept per _RawPlanned descriptor (then start over)
 
 
 def _torch_tensor():

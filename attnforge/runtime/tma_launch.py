@@ -33,18 +33,11 @@ import inspect
 from . import knobs as _knobs
 
 _KNOB = "ATTNFORGE_FAST_TMA_LAUNCH"
-_DEFAULT = bool(_knobs._lookup(_KNOB).default)
 _MAX_MAPS = 64  # expansions kept per descriptor argument (then start over)
 
 
-_raw = _knobs.environ_get_fast(_KNOB)
-
-
-def enabled() -> bool:
-    """``knobs.get(_KNOB)``, read at every launch (as every knob is), cheaply."""
-    if _raw() is None:
-        return _DEFAULT
-    return _knobs.get(_KNOB)
+# ``knobs.get(_KNOB)``, read at every launch (as every knob is), cheaply
+enabled = _knobs.reader(_KNOB)
 
 
 # What the launchers this module replaces do, as source (whitespace-normalised). Triton 3.6:
@@ -170,10 +163,10 @@ def _build36(run, inner, env, metas):
 class _Fast36:
     """Triton 3.6: the raw C launcher, descriptors expanded from the per-argument caches."""
 
-    __slots__ = ("run", "c_launch", "coop", "pdl", "spans", "maps")
+    __slots__ = ("run", "c_launch", "coop", "pdl", "spans", "maps", "positions")
 
     def __init__(self, run, c_launch, positions, maps):
-        self.run, self.c_launch, self.maps = run, c_launch, maps
+        self.run, self.c_launch, self.maps, self.positions = run, c_launch, maps, positions
         self.coop, self.pdl = run.launch_cooperative_grid, run.launch_pdl
         # kernel argument i is args[4 + i] of __call__'s *args (packed metadata, launch
         # metadata and the two hooks come first): slices between the descriptors
@@ -189,6 +182,29 @@ class _Fast36:
             if maps is not None:
                 out += maps.get(args[stop])
         return self.c_launch(*out)
+
+
+def raw_parts(run):
+    """``(C launcher, cooperative-grid flag, PDL flag, {kernel argument position: (Triton's
+    make_tensordesc_arg, its descriptor metadata)})`` of a direct-launch callable (what
+    :func:`fast_run` returned) that can be replaced by one call of the C launcher with
+    ``(gridX, gridY, gridZ, stream, function, coop, pdl, None, None, *args)``, the descriptors
+    in ``args`` expanded: a triton 3.6 raw TMA launch, or Triton 3.6's ``CudaLauncher`` of a
+    kernel without descriptors and scratch.  None otherwise (triton 3.9 expands in C++)."""
+    if type(run) is _Fast36:
+        return run.c_launch, run.coop, run.pdl, {
+            p: (m.make, m.meta) for p, m in zip(run.positions, run.maps)
+        }  # fmt: skip
+    try:
+        cls, c_launch = type(run), run.launch
+        if (cls.__name__ != "CudaLauncher" or getattr(c_launch, "__name__", None) == "inner"
+                or run.global_scratch_size or run.profile_scratch_size
+                or getattr(run, "gsan_enabled", False)
+                or not _reads_as(cls.__call__, _V36_CALL)):  # fmt: skip
+            return None
+        return c_launch, run.launch_cooperative_grid, run.launch_pdl, {}
+    except Exception:  # noqa: BLE001 - a speed-up only
+        return None
 
 
 def _build39(run, inner, env, metas):

@@ -1,0 +1,164 @@
+"""Raw planned launches (``loader._RawPlanned``): a repeat call of a per-call plan on the GPU path
+is one call of Triton's C launcher with an argument template.  CPU only, through the fake GPU of
+``tests/fake_gpu.py`` (Triton's real binder, ``CudaLauncher`` and descriptor wrapper around a
+recording C launcher): every raw launch must pass exactly what Triton's own launch path
+(``ATTNFORGE_DIRECT_LAUNCH=0``) passes for the same call, and the raw launch must step aside
+whenever something its template fixed may have changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnforge as af
+from attnforge.runtime import api, cache, loader
+
+pytest.importorskip("triton.backends.nvidia.driver")
+fake_gpu = pytest.importorskip("fake_gpu")
+
+_OUT, _LSE = 13 + 3, 13 + 4  # C-launcher positions of out and lse (after 13 base arguments)
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """``(launches, raw)``: the C launcher's calls and the raw launches that launched."""
+    monkeypatch.setenv("ATTNFORGE_CACHE_DIR", str(tmp_path))
+    for knob in ("ATTNFORGE_DIRECT_LAUNCH", "ATTNFORGE_FAST_TMA_LAUNCH", "ATTNFORGE_FWD_WS"):
+        monkeypatch.delenv(knob, raising=False)
+    cache.cache_clear()
+    api._plans.clear()
+    launches = fake_gpu.install(monkeypatch.setattr, aligned=True)
+    raw = []
+    launch = loader._RawPlanned.launch
+
+    def counted(self, *a):
+        done = launch(self, *a)
+        raw.append(done)
+        return done
+
+    monkeypatch.setattr(loader._RawPlanned, "launch", counted)
+    yield launches, raw
+    cache.cache_clear()
+    api._plans.clear()
+
+
+def _plain(args: tuple) -> list:
+    return [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _qkv(seed=0, L=128, D=64, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(3 * L * D + offset, generator=g).to(torch.bfloat16)
+    return [base[offset + i * L * D :][: L * D].view(1, 1, L, D) for i in range(3)]
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _warm(call) -> None:
+    """The full path, the plan's first launch (Triton's key looked up), its first direct launch
+    (which makes the raw launch)."""
+    with torch.no_grad():
+        for _ in range(3):
+            call()
+
+
+def _check(gpu, monkeypatch, call, *, raw: bool, times: int = 4):
+    """Run ``call`` (returns out, lse) ``times`` times, each the default way and then through
+    Triton's launch path: the C launcher must get the same arguments (out/lse: the ones each
+    returned).  ``raw``: some default call (True) or none (False) was a raw launch."""
+    launches, raws = gpu
+    raws.clear()
+    for _ in range(times):
+        with torch.no_grad():
+            out, lse = call()
+        got = _plain(launches[-1])
+        assert got[_OUT] == out.data_ptr() and got[_LSE] == lse.data_ptr()
+        monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
+        with torch.no_grad():
+            out, lse = call()
+        monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
+        want = _plain(launches[-1])
+        assert want[_OUT] == out.data_ptr() and want[_LSE] == lse.data_ptr()
+        got[_OUT], got[_LSE], want[_OUT], want[_LSE] = 0, 0, 0, 0
+        assert got == want
+    assert (True in raws) == raw, raws
+
+
+def test_raw_launch_passes_what_tritons_launch_passes(gpu, monkeypatch):
+    bm = af.create_block_mask(_causal, None, None, 128, 128, device="cpu")
+
+    def call(q, k, v):
+        return lambda: af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+
+    q, k, v = _qkv()
+    _warm(call(q, k, v))
+    launcher = next(iter(cache._memory.values()))["fwd"]._attn_fwd
+    assert {type(f).__name__ for _, f in launcher._runs.values()} == {"_Fast36"}
+    _check(gpu, monkeypatch, call(q, k, v), raw=True)
+    # new tensors, new addresses (new descriptor maps): raw, with their own addresses
+    for seed in (1, 2, 3):
+        _check(gpu, monkeypatch, call(*_qkv(seed)), raw=True)
+    # another alignment class (64 bytes off, still TMA-aligned): a new specialisation key, so
+    # launch_planned, then raw; 8 bytes off: the kernel without TMA (no descriptors), raw too
+    for offset in (32, 4):
+        _check(gpu, monkeypatch, call(*_qkv(4, offset=offset)), raw=True, times=6)
+    _check(gpu, monkeypatch, call(q, k, v), raw=True)
+
+
+def test_raw_launch_steps_aside(gpu, monkeypatch):
+    from triton import knobs
+
+    bm = af.create_block_mask(_causal, None, None, 128, 128, device="cpu")
+    q, k, v = _qkv()
+
+    def call():
+        return af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+
+    _warm(call)
+    _check(gpu, monkeypatch, call, raw=True)
+    monkeypatch.setenv("ATTNFORGE_FAST_TMA_LAUNCH", "0")  # Triton's descriptor expansion
+    _check(gpu, monkeypatch, call, raw=False)
+    monkeypatch.setenv("ATTNFORGE_FAST_TMA_LAUNCH", "1")
+    _check(gpu, monkeypatch, call, raw=True)
+    hook = lambda *a: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _check(gpu, monkeypatch, call, raw=False)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    # a block list's storage moved under the same tensor object (its address is in the template)
+    bm.kv_indices.set_(bm.kv_indices.clone())
+    _check(gpu, monkeypatch, call, raw=False, times=1)
+    _check(gpu, monkeypatch, call, raw=True)
+    monkeypatch.setattr(loader, "_knobs_module", None)  # unknown launch convention
+    _check(gpu, monkeypatch, call, raw=False)
+
+
+def test_raw_launch_with_captured_values(gpu, monkeypatch):
+    slopes = torch.linspace(0.1, 1.0, 2)
+    window = 32
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    bm = af.create_block_mask(_causal, None, None, 128, 128, device="cpu")
+    bm.mask_mod = sliding  # partial blocks apply the mod (its window is a kernel argument)
+    q, k, v = (t.expand(1, 2, 128, 64).contiguous() for t in _qkv())
+
+    def call():
+        return af.flex_attention(q, k, v, score_mod=alibi, block_mask=bm, return_lse=True)
+
+    _warm(call)
+    _check(gpu, monkeypatch, call, raw=True)
+    slopes = torch.linspace(-1.0, 1.0, 2)  # a new captured tensor: its address in the tail
+    _check(gpu, monkeypatch, call, raw=True)
+    window = 16  # a new int (Triton specialises ints): launch_planned, then raw
+    _check(gpu, monkeypatch, call, raw=False, times=1)
+    _check(gpu, monkeypatch, call, raw=True)
+    window = 32
+    _check(gpu, monkeypatch, call, raw=True)
