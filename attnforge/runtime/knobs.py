@@ -171,10 +171,10 @@ _declare(
 _declare(
     "ATTNFORGE_COMPILE_WORKERS",
     "int",
-    0,
+    3,
     "GPU: helper processes that compile a new variant's kernels (Triton's C++ passes hold the "
-    "GIL, so threads of one process barely overlap); 0 (default: measured slower on an H100 "
-    "host, helpers start too late for the forward) compiles in this process",
+    "GIL, so threads of one process barely overlap; H100 host: cold first call 1.77 s with 3 "
+    "vs 2.18 s without); 0 compiles in this process",
 )
 _declare(
     "ATTNFORGE_DIRECT_LAUNCH",
