@@ -21,6 +21,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_helpers(request, monkeypatch):
+    # Tests that fake Triton's GPU compile on a CPU box must compile in-process: a compile
+    # helper (ATTNFORGE_COMPILE_WORKERS, default 3) would run the real compiler.  GPU tests
+    # and the tests that set the knob themselves keep the default.
+    if "gpu" not in request.keywords and "ATTNFORGE_COMPILE_WORKERS" not in os.environ:
+        monkeypatch.setenv("ATTNFORGE_COMPILE_WORKERS", "0")
+    yield
+
+
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
