@@ -273,7 +273,10 @@ def _desc(t, rows, D):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, lay)
 
 
-def gluon_attention(q, k, v, bm, causal, BM=128, BN=128, num_warps=8, stages=2, head_group=1):
+def launch_args(q, k, bm, BM):
+    """(out, lse, grid, has_full, args): the forward's outputs and the kernel's positional
+    arguments after the three descriptors up to the softmax scale (block lists, strides,
+    sizes), shared with gluon_ws_fwd.py."""
     B, H, L, D = q.shape
     S = k.shape[2]
     out = torch.empty_like(q)
@@ -284,41 +287,27 @@ def gluon_attention(q, k, v, bm, causal, BM=128, BN=128, num_warps=8, stages=2, 
     if not has_full:
         fn, fi = kn, ki
     st = lambda t, d: t.stride(d) if t.size(d) > 1 else 0  # noqa: E731
-    n_m = triton.cdiv(L, BM)
-    grid = (n_m * B * H,)
+    args = [
+        out, lse, kn, ki, fn, fi,
+        k.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        st(kn, 0), st(kn, 1), kn.stride(2),
+        st(ki, 0), st(ki, 1), ki.stride(2), ki.stride(3),
+        st(fn, 0), st(fn, 1), fn.stride(2),
+        st(fi, 0), st(fi, 1), fi.stride(2), fi.stride(3),
+        H, H // k.shape[1], L, S, D**-0.5,
+    ]  # fmt: skip
+    return out, lse, (triton.cdiv(L, BM) * B * H,), has_full, args
+
+
+def gluon_attention(q, k, v, bm, causal, BM=128, BN=128, num_warps=8, stages=2, head_group=1):
+    D = q.shape[3]
+    S = k.shape[2]
+    out, lse, grid, has_full, args = launch_args(q, k, bm, BM)
     _attn_fwd_sm90[grid](
         _desc(q, BM, D),
         _desc(k, BN, D),
         _desc(v, BN, D),
-        out,
-        lse,
-        kn,
-        ki,
-        fn,
-        fi,
-        k.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        st(kn, 0),
-        st(kn, 1),
-        kn.stride(2),
-        st(ki, 0),
-        st(ki, 1),
-        ki.stride(2),
-        ki.stride(3),
-        st(fn, 0),
-        st(fn, 1),
-        fn.stride(2),
-        st(fi, 0),
-        st(fi, 1),
-        fi.stride(2),
-        fi.stride(3),
-        H,
-        H // k.shape[1],
-        L,
-        S,
-        D**-0.5,
+        *args,
         head_group,
         HEAD_DIM=D,
         BLOCK_M=BM,

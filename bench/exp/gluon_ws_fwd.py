@@ -18,12 +18,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gluon_fwd import _desc  # noqa: E402
+from gluon_fwd import _desc, launch_args  # noqa: E402
 
 from attnforge.codegen import lower  # noqa: E402
 from attnforge.dsl.api import as_mod  # noqa: E402
@@ -42,51 +41,16 @@ def _kernel(causal: bool):
 
 
 def ws_attention(q, k, v, bm, causal, BN=128, stages=2, pingpong=True, hg=1):
-    B, H, L, D = q.shape
+    D = q.shape[3]
     S = k.shape[2]
+    L = q.shape[2]
     BM = 128
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    kn, ki = bm.kv_num_blocks, bm.kv_indices
-    fn, fi = bm.full_kv_num_blocks, bm.full_kv_indices
-    has_full = fn is not None
-    if not has_full:
-        fn, fi = kn, ki
-    st = lambda t, d: t.stride(d) if t.size(d) > 1 else 0  # noqa: E731
-    grid = (triton.cdiv(L, BM) * B * H,)
+    out, lse, grid, has_full, args = launch_args(q, k, bm, BM)
     _kernel(causal)[grid](
         _desc(q, BM // 2, D),
         _desc(k, BN, D),
         _desc(v, BN, D),
-        out,
-        lse,
-        kn,
-        ki,
-        fn,
-        fi,
-        k.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        st(kn, 0),
-        st(kn, 1),
-        kn.stride(2),
-        st(ki, 0),
-        st(ki, 1),
-        ki.stride(2),
-        ki.stride(3),
-        st(fn, 0),
-        st(fn, 1),
-        fn.stride(2),
-        st(fi, 0),
-        st(fi, 1),
-        fi.stride(2),
-        fi.stride(3),
-        H,
-        H // k.shape[1],
-        L,
-        S,
-        D**-0.5,
+        *args,
         hg,
         BLOCK_M=BM,
         SPARSE_Q_BLOCK=bm.BLOCK_SIZE[0],
