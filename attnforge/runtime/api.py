@@ -39,7 +39,7 @@ import torch
 from ..codegen import lower
 from ..dsl.api import current_mod
 from . import cache, launch, loader
-from .autograd import attention
+from .autograd import attention, needs_grad
 from .blockmask import BlockMask
 
 __all__ = ["flex_attention"]
@@ -216,12 +216,10 @@ class _Plan:
                 if t.device != self.device:
                     return None  # the full path raises
             call = call.copy_with(scalars=scalars)
-        # no gradient needed (autograd.attention's test): the recorded forward launch directly
+        # no gradient needed: the recorded forward launch directly
         # (it reads neither the block mask nor anything else of ``call`` a repeat call changes)
         fwd = self.memo.get("fwd")
-        if fwd is not None and not (torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad
-                or any(t.requires_grad for t in tensors))):  # fmt: skip
+        if fwd is not None and not needs_grad(q, k, v, tensors):
             done = fwd(call, q, k, v, tensors)
             if done is not None:
                 return done if call.return_lse else done[0]

@@ -59,13 +59,17 @@ class FlexAttentionFunction(torch.autograd.Function):
         )
 
 
-def attention(call: KernelCall, q, k, v, tensors: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward through autograd only when some input needs a gradient (saves host time)."""
-    needs_grad = torch.is_grad_enabled() and (
+def needs_grad(q, k, v, tensors) -> bool:
+    """Some input of the call needs a gradient (else the forward skips autograd)."""
+    return torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or any(t.requires_grad for t in tensors)
     )  # fmt: skip
-    if not needs_grad:
+
+
+def attention(call: KernelCall, q, k, v, tensors: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward through autograd only when some input needs a gradient (saves host time)."""
+    if not needs_grad(q, k, v, tensors):
         return launch_fwd(call, q, k, v, tensors)
     if call.memo is not None and "bwd_ahead" not in call.memo:
         compile_backward_ahead(call, q, k, v, tensors)  # first call of a plan: compile ahead

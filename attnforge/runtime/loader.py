@@ -655,6 +655,12 @@ class Launcher:
                 stale = True
         return not stale or self._globals_unchanged()
 
+    def _planned_ok(self, tk) -> bool:
+        """A planned direct launch may run now (Triton's knobs ``tk`` known): no pre-run or
+        launch hooks, ATTNFORGE_DIRECT_LAUNCH on, the globals the kernel read unchanged."""
+        return (tk is not None and not self.jit.pre_run_hooks and _direct_enabled()
+                and _hooks_empty(tk.runtime) and self._globals_current())  # fmt: skip
+
     def launch_planned(self, grid: tuple, args: tuple, kwargs: dict, memo: dict, extra=(),
                        fresh: int = 0, n_tail: int = 0):  # fmt: skip
         """``self[grid](*args, **kwargs)`` for a caller whose calls sharing ``memo`` (a dict the
@@ -672,9 +678,7 @@ class Launcher:
         calls; then a direct launch also leaves a :class:`_RawPlanned` in
         ``memo[RAW_PLANNED]``."""
         tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
-        if (tk is None or self._device is None or self.jit.pre_run_hooks
-                or not _direct_enabled() or not _hooks_empty(tk.runtime)
-                or not self._globals_current()):  # fmt: skip
+        if self._device is None or not self._planned_ok(tk):
             return self._launch(grid, *args, **kwargs)
         pos = memo.get(_POSITIONS)
         if pos is None:
@@ -1205,9 +1209,7 @@ class _RawPlanned:
         (tensors as addresses), or return False where the recorded key does not hold."""
         launcher, key = self.launcher, self.key
         tk = _knobs_module
-        if (tk is None or self.jit.pre_run_hooks or not _direct_enabled()
-                or not _hooks_empty(tk.runtime) or (self.has_descs and not _tma.enabled())
-                or not launcher._globals_current()):  # fmt: skip
+        if (self.has_descs and not _tma.enabled()) or not launcher._planned_ok(tk):
             return False
         device = launcher._device()
         if (device != key[0] or tk.runtime.debug != key[1]
