@@ -18,6 +18,7 @@ import datetime
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,7 @@ def flops(B, H, S, D, density):
     return fwd, 2.5 * fwd  # bwd = 5 matmuls of the fwd's 2
 
 
-def run_config(variant, B, H, S, D, dtype, impls, rows, log):
+def run_config(variant, B, H, S, D, dtype, impls, rows, log, rounds=3):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
 
@@ -198,16 +199,30 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
                     )
 
             cands[impl] = sdpa_fwd
+    # Every implementation is timed in each of ``rounds`` rounds, the order rotating from round
+    # to round, and keeps its median: the H100's clock follows its power and temperature
+    # (1.5-1.9 GHz within one run, bench/NOTES.md session 8), so one pass in a fixed order
+    # would hand whoever runs first (or after the lightest kernel) a faster clock
+    runnable, times = {}, {}
     for impl, fn in cands.items():
         if impls and impl not in impls:
             continue
         try:
             with torch.no_grad():
                 outs[impl] = fn(q, k, v).float()
-            f_ms, fb_ms = measure(fn, q, k, v, do)
+            fwd_bwd_fn(fn, q, k, v, do)()
         except Exception as e:  # an SDPA backend that cannot express the case, say
             log(f"  {impl}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
+        runnable[impl], times[impl] = fn, []
+    order = list(runnable)
+    for r in range(rounds if order else 0):
+        first = r % len(order)
+        for impl in order[first:] + order[:first]:
+            times[impl].append(measure(runnable[impl], q, k, v, do))
+    for impl in order:
+        f_ms = statistics.median(t[0] for t in times[impl])
+        fb_ms = statistics.median(t[1] for t in times[impl])
         row = dict(
             base,
             impl=impl,
@@ -215,6 +230,7 @@ def run_config(variant, B, H, S, D, dtype, impls, rows, log):
             fwdbwd_ms=round(fb_ms, 4),
             fwd_tflops=round(fwd_flops / f_ms / 1e9, 1),
             bwd_tflops=round(bwd_flops / max(fb_ms - f_ms, 1e-6) / 1e9, 1),
+            rounds=rounds,
         )
         rows.append(row)
     if "attnforge" in outs and "flex" in outs:
@@ -390,6 +406,9 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--impls", nargs="*", default=None)
     ap.add_argument("--no-compile-bench", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per case, implementations in rotating order; each "
+                    "keeps its median")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--merge", nargs="*", default=[],
                     help="only merge earlier JSON results (e.g. the D=128 and D=64 runs of one "
@@ -414,7 +433,9 @@ def main(argv=None):
             for var in args.variants:
                 log(f"{var} B={B} H={args.H} S={S} D={D}")
                 try:
-                    run_config(var, B, args.H, S, D, torch.bfloat16, args.impls, rows, log)
+                    run_config(
+                        var, B, args.H, S, D, torch.bfloat16, args.impls, rows, log, args.rounds
+                    )
                 except Exception as e:
                     log(f"  FAILED: {type(e).__name__}: {e}")
                 torch.cuda.empty_cache()

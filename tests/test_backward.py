@@ -700,6 +700,7 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
                   HAS_FULL_BLOCKS=True, DOT_PRECISION="tf32", TENSOR_GRADS=(1 << 8) - 1,
                   HAS_DLSE=True, DQ_ATOMIC=i != 1,  # dQ by atomics in the dK/dV kernel
                   POS_F32=True, USE_TMA=i == 0,  # descriptor loads in both loops
+                  DQ_TMA=i == 0,  # dQ tiles by TMA bulk reduce-adds
                   DP_FIRST=i != 2)  # both orders of the dK/dV step
     tiles = {{"_attn_bwd_preprocess": dict(BLOCK_M=128), "_attn_bwd_dkdv": dict(BLOCK_M=32,
              BLOCK_N=128), "_attn_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32)}}
@@ -709,7 +710,12 @@ def compile_bwd(i, score, mask, dtype, D, DV, even):
         sig, constexprs = {{}}, {{}}
         rows = tile.get("BLOCK_M" if name == "_attn_bwd_dkdv" else "BLOCK_N")
         for j, a in enumerate(fn.arg_names):
-            if a.endswith("_DESC"):
+            if a == "DQ_DESC":
+                if const["DQ_TMA"]:
+                    sig[a] = f"tensordesc<fp32[1,1,{{rows}},{{pad(D)}}]>"
+                else:
+                    sig[a], constexprs[(j,)] = "constexpr", None
+            elif a.endswith("_DESC"):
                 if const["USE_TMA"]:
                     sig[a] = f"tensordesc<{{dtype}}[1,1,{{rows}},{{pad(D)}}]>"
                 else:
@@ -827,6 +833,24 @@ ATOMIC_SHAPES = {
 @pytest.mark.parametrize("name", ["causal_offset_masked_rows", "softcap_causal", "leaky"])
 def test_dq_atomic_and_separate(name, shape, atomic):
     run_case(BY_NAME[name], ATOMIC_SHAPES[shape], kernel_options={"DQ_ATOMIC": atomic})
+
+
+GPU_ATOMIC_SHAPES = {
+    **ATOMIC_SHAPES,
+    "d128_odd": Shape(B=1, Hq=4, Hkv=2, L=257, S=300, E=128, Ev=128, block=(128, 128)),
+    "d17_gqa": Shape(B=2, Hq=4, Hkv=1, L=131, S=130, E=17, Ev=24, block=(64, 64)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("shape", sorted(GPU_ATOMIC_SHAPES))
+@pytest.mark.parametrize("name", ["causal_offset_masked_rows", "softcap_causal", "alibi_learnable"])
+def test_gpu_dq_atomic(name, shape, tma):
+    """dQ added inside the dK/dV kernel on the GPU: TMA bulk reduce-adds (DQ_TMA) and
+    element-wise atomics, odd lengths and head dims, against the float64 reference."""
+    run_case(BY_NAME[name], GPU_ATOMIC_SHAPES[shape], dtype=torch.bfloat16, device="cuda",
+             kernel_options={"DQ_ATOMIC": True, "DQ_TMA": tma})  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

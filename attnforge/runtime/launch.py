@@ -64,8 +64,11 @@ KERNEL_OPTIONS: dict[str, str] = {
     "kernel (fewer matmuls, but an fp32 buffer to fill and cast; not under "
     "torch.use_deterministic_algorithms unless set here), False (default) computes it in its "
     "own kernel (bit-reproducible)",
+    "DQ_TMA": "backward with DQ_ATOMIC on sm_90+ (bool, default True where Triton has "
+    "descriptor reductions): each dQ tile is added by one TMA bulk reduce-add instead of "
+    "element-wise atomics",
 }
-_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS"})
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS", "DQ_TMA"})
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
@@ -136,6 +139,16 @@ def _has_tma(device: torch.device) -> bool:
         and torch.cuda.is_available()
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
+
+
+@functools.cache
+def _has_tma_reduce() -> bool:
+    """Triton lowers a descriptor's ``atomic_add`` to a TMA bulk reduce (Triton >= 3.4)."""
+    try:
+        from triton.language.core import tensor_descriptor_base
+    except ImportError:
+        return False
+    return hasattr(tensor_descriptor_base, "atomic_add")
 
 
 @functools.cache
@@ -1001,6 +1014,19 @@ def use_dq_atomic(cfg: BwdConfig, options: dict, tensor_grads: int) -> bool:
     return "DQ_ATOMIC" in options or not torch.are_deterministic_algorithms_enabled()
 
 
+def use_dq_tma(cfg: BwdConfig, options: dict, device: torch.device, d_pad: int) -> bool:
+    """With dQ made in the dK/dV kernel: its tiles added by TMA bulk reduce-adds (sm_90+, a
+    Triton with descriptor reductions; ``kernel_options["DQ_TMA"]``, default on): the adds
+    happen in L2 from one shared-memory tile, where element-wise atomics send every value."""
+    return (
+        options.get("DQ_TMA", True)
+        and device.type == "cuda"
+        and _has_tma(device)
+        and _has_tma_reduce()
+        and d_pad <= _TMA_MAX_BOX
+    )
+
+
 def dp_first(options: dict) -> bool:
     """The dK/dV loop's order (``DP_FIRST``), as ``kernel_options["DP_FIRST"]`` says; off by
     default.  On the H100 (bench/NOTES.md, session 5 A/B) dP^T's matmul first was no faster
@@ -1135,10 +1161,11 @@ def _bwd_kernels(
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
     dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
     if dq_in_dkdv:
-        dq_acc = torch.empty((B, Hq, L, E), dtype=torch.float32,
-                             device="meta" if dry else dev)  # fmt: skip
-        if not dry:
-            dq_acc.zero_()
+        # features padded to 16 bytes (a view of the first E): a TMA reduce can describe it
+        dq_acc = torch.zeros((B, Hq, L, -(-E // 4) * 4), dtype=torch.float32,
+                             device="meta" if dry else dev)[..., :E]  # fmt: skip
+    # dQ tiles by TMA bulk reduce-adds (see use_dq_tma), else element-wise atomics
+    dq_tma = dq_in_dkdv and use_dq_tma(cfg, call.options, dev, head_dim_pad(E))
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
     pre_args = (
@@ -1160,7 +1187,8 @@ def _bwd_kernels(
     def dkdv_args(c: BwdConfig) -> tuple:
         descs = (_descriptor(q, c.BLOCK_M1), _descriptor(d_out, c.BLOCK_M1)) if _tma_on(
             tma_dkdv, c.BLOCK_M1) else (None, None)  # fmt: skip
-        return (q, k, v, d_out, dk, dv, lse, delta, dq_acc, *descs, *dkdv_rest)
+        dq_desc = _descriptor(dq_acc, c.BLOCK_M1) if _tma_on(dq_tma, c.BLOCK_M1) else None
+        return (q, k, v, d_out, dk, dv, lse, delta, dq_acc, *descs, dq_desc, *dkdv_rest)
 
     dkdv_rest = (
         *q_lists,
@@ -1176,7 +1204,8 @@ def _bwd_kernels(
     def dkdv_kw(c: BwdConfig) -> dict:
         return dict(BLOCK_M=c.BLOCK_M1, BLOCK_N=c.BLOCK_N1, HAS_FULL_BLOCKS=has_full_q,
                     DQ_ATOMIC=dq_in_dkdv, USE_TMA=_tma_on(tma_dkdv, c.BLOCK_M1),
-                    DP_FIRST=order, num_warps=c.num_warps1 or c.num_warps,
+                    DP_FIRST=order, DQ_TMA=_tma_on(dq_tma, c.BLOCK_M1),
+                    num_warps=c.num_warps1 or c.num_warps,
                     num_stages=c.num_stages1 or c.num_stages, **consts)  # fmt: skip
 
     # -- dQ and captured-tensor gradients over the forward lists (an OutOfResources retry is
@@ -1205,7 +1234,7 @@ def _bwd_kernels(
                     TENSOR_GRADS=bits, HAS_DLSE=has_dlse, USE_TMA=_tma_on(tma, c.BLOCK_N2),
                     num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
-    dkdv_key = (*shape_key, has_full_q, dq_in_dkdv, order)
+    dkdv_key = (*shape_key, has_full_q, dq_in_dkdv, order, dq_tma)
     dq_key = (*shape_key, has_full, bits, has_dlse)
     # delta comes from the dQ kernel, which then runs first, or from the preprocess kernel
     jobs = [(dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK))] if run_dq_kernel else [
