@@ -256,7 +256,8 @@ impl, cap = sys.argv[1], float(sys.argv[2])
 q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
            for _ in range(3))
 def mod(score, b, h, q_idx, kv_idx):
-    return torch.where(q_idx >= kv_idx, cap * torch.tanh(score / cap) + 0.125 * h, -float("inf"))
+    # the literal: a new value is a new variant (new kernels for both libraries)
+    return torch.where(q_idx >= kv_idx, cap * torch.tanh(score / cap) + {c!r} * h, -float("inf"))
 # imports (triton, the library) are timed apart from the first call
 t0 = time.perf_counter()
 import triton
@@ -276,31 +277,41 @@ print(time.perf_counter() - t1)
 """
 
 
+def _first_call(impl: str, c: float, env: dict, log) -> tuple:
+    """(first call s, import s) of a new process, or (None, None) if it failed."""
+    code = _COLD_SNIPPET.format(root=str(ROOT), c=c)
+    out = subprocess.run([sys.executable, "-c", code, impl, "31.5"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode != 0:
+        log(f"  compile {impl}: failed: {out.stderr[-400:]}")
+        return None, None
+    lines = out.stdout.strip().splitlines()
+    return float(lines[-1]), float(lines[-2].split()[1])
+
+
 def compile_times(log):
+    """First forward+backward of a new variant in a new process, imports timed apart, for both
+    libraries, each with its own empty caches (attnforge's, Inductor's, Triton's):
+
+    - ``cold_s``: a new variant (the mod's literal changes, so every kernel is new) after one
+      other variant of the same argument types ran, as on any machine in use: Triton's C
+      launchers (gcc, one per argument-type signature) and its cuda_utils are built;
+    - ``cold_empty_triton_s``: the very first call, with those gcc builds too;
+    - ``warm_disk_s``: the same variant again in a new process (compiled kernels on disk).
+    """
     res = {}
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=cache + "/ind")
-        code = _COLD_SNIPPET.format(root=str(ROOT))
-        for impl in ("attnforge", "flex"):
-            times, imports = [], []
-            for cap in ("31.5", "31.5"):  # cold (empty caches), then warm disk in a new process
-                out = subprocess.run(
-                    [sys.executable, "-c", code, impl, cap], env=env, capture_output=True, text=True
-                )
-                if out.returncode != 0:
-                    log(f"  compile {impl}: failed: {out.stderr[-400:]}")
-                    times.append(None)
-                    imports.append(None)
-                else:
-                    lines = out.stdout.strip().splitlines()
-                    times.append(float(lines[-1]))
-                    imports.append(float(lines[-2].split()[1]))
-            # first call = forward + backward of a new variant, imports excluded (import_s)
-            res[impl] = {"cold_s": times[0], "warm_disk_s": times[1], "import_s": imports[1]}
-            log(
-                f"  compile {impl}: cold {times[0]} s, warm disk {times[1]} s, "
-                f"imports {imports[1]} s"
-            )
+    for impl in ("attnforge", "flex"):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache + "/af",
+                       TORCHINDUCTOR_CACHE_DIR=cache + "/ind",
+                       TRITON_CACHE_DIR=cache + "/tr")  # fmt: skip
+            empty, _ = _first_call(impl, 0.0625, env, log)
+            cold, _ = _first_call(impl, 0.125, env, log)
+            warm, imports = _first_call(impl, 0.125, env, log)
+        res[impl] = {"cold_s": cold, "warm_disk_s": warm, "import_s": imports,
+                     "cold_empty_triton_s": empty}  # fmt: skip
+        log(f"  compile {impl}: cold {cold} s (empty Triton cache {empty} s), warm disk {warm} s, "
+            f"imports {imports} s")  # fmt: skip
     return res
 
 
