@@ -315,8 +315,30 @@ def compile_times(log):
     return res
 
 
-def host_overhead(log):
-    """Per-call wall time for a tiny problem (host-bound) minus its GPU kernel time, in us."""
+def host_overhead(log, fresh: bool = True, only: str | None = None):
+    """Per-call wall time for a tiny problem (host-bound) minus its GPU kernel time, in us, for
+    each library in a process of its own (``fresh``; else both in this one): a process that
+    ran torch.compile'd code pays more per Python call afterwards (measured: attnforge 29 ->
+    48 us after one flex call, bench/NOTES.md session 8), which would charge one library for
+    the other's machinery."""
+    if fresh:
+        res = {}
+        for impl in ("attnforge", "flex"):
+            code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]; " + (
+                "import json, bench_attention as b; "
+                f"print(json.dumps(b.host_overhead(lambda m: None, fresh=False, only={impl!r})))"
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if out.returncode != 0:
+                log(f"  host {impl}: failed: {out.stderr[-400:]}")
+                continue
+            res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            log(f"  host {impl} (own process): {res[impl]}")
+        return res
+    return _host_overhead(log, only)
+
+
+def _host_overhead(log, only: str | None = None) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
 
@@ -334,6 +356,8 @@ def host_overhead(log):
     res = {}
     with torch.no_grad():
         for impl, fn in fns.items():
+            if only and impl != only:
+                continue
             for _ in range(200):
                 fn()
             torch.cuda.synchronize()
