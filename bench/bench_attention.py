@@ -317,10 +317,9 @@ def compile_times(log):
 
 def host_overhead(log, fresh: bool = True, only: str | None = None):
     """Per-call wall time for a tiny problem (host-bound) minus its GPU kernel time, in us, for
-    each library in a process of its own (``fresh``; else both in this one): a process that
-    ran torch.compile'd code pays more per Python call afterwards (measured: attnforge 29 ->
-    48 us after one flex call, bench/NOTES.md session 8), which would charge one library for
-    the other's machinery."""
+    each library in a process of its own (``fresh``; else both in this one), so neither is
+    timed in a process the other's compile machinery (Inductor's worker pool, dynamo) has
+    been loaded into."""
     if fresh:
         res = {}
         for impl in ("attnforge", "flex"):
@@ -336,6 +335,19 @@ def host_overhead(log, fresh: bool = True, only: str | None = None):
             log(f"  host {impl} (own process): {res[impl]}")
         return res
     return _host_overhead(log, only)
+
+
+def _kernel_us(fn, n: int = 200) -> float:
+    """GPU kernel time per call (torch.profiler): do_bench's events around a host-bound call
+    would count the host's launch time as GPU time (flex in its own process: 80 us)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / n
 
 
 def _host_overhead(log, only: str | None = None) -> dict:
@@ -369,7 +381,7 @@ def _host_overhead(log, only: str | None = None) -> dict:
                     fn()
                 torch.cuda.synchronize()
                 wall_us = min(wall_us, (time.perf_counter() - t0) / n * 1e6)
-            gpu_us = bench_ms(fn) * 1e3
+            gpu_us = _kernel_us(fn)
             res[impl] = {
                 "wall_us_per_call": round(wall_us, 2),
                 "gpu_us": round(gpu_us, 2),
