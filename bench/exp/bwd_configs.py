@@ -26,6 +26,16 @@ CONFIGS = {
     "default": {},
     "notma": dict(DQ_TMA=False),  # the default config, dQ by element-wise atomics if atomic
     "sep": dict(DQ_ATOMIC=False),  # the default config, dQ in its own kernel
+    # dQ-kernel tiles (BLOCK_M2 x BLOCK_N2; num_stages also sets the forward's)
+    "dq128x128s2": dict(BLOCK_M2=128, BLOCK_N2=128, num_stages=2),
+    "dq128x32": dict(BLOCK_M2=128, BLOCK_N2=32),
+    "dq64x64": dict(BLOCK_M2=64, BLOCK_N2=64),
+    "dq128x64s2": dict(BLOCK_M2=128, BLOCK_N2=64, num_stages=2),
+    # dK/dV tiles (BLOCK_M1 queries per step x BLOCK_N1 keys)
+    "kv32x64": dict(BLOCK_M1=32, BLOCK_N1=64),
+    "kv128x64": dict(BLOCK_M1=128, BLOCK_N1=64),
+    "kv64x128w8": dict(BLOCK_M1=64, BLOCK_N1=128, num_warps1=8),
+    "kv64x64s3": dict(BLOCK_M1=64, BLOCK_N1=64, num_stages1=3),
     # dQ by TMA bulk reduce-adds inside dK/dV (FlashAttention-3's 5-matmul scheme)
     "tma128": dict(DQ_ATOMIC=True, BLOCK_M1=64, BLOCK_N1=128, num_warps1=8, num_stages1=2),
     "tma128s1": dict(DQ_ATOMIC=True, BLOCK_M1=64, BLOCK_N1=128, num_warps1=8, num_stages1=1),
