@@ -31,13 +31,14 @@ from prof_bwd import make_step  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--S", type=int, default=8192)
     ap.add_argument("--variants", nargs="+", default=["alibi", "causal"])
     ap.add_argument("--impls", nargs="+", default=["attnforge", "flex"])
     args = ap.parse_args(argv)
     allow_recompiles()
     for variant in args.variants:
         for impl in args.impls:
-            step = make_step(variant, impl, 4, 16, 8192, args.D)
+            step = make_step(variant, impl, 4, 16, args.S, args.D)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
