@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.bench_attention import VARIANTS, bench_ms, flops, make_variant  # noqa: E402
+from bench.bench_attention import VARIANTS, bench_ms, flops  # noqa: E402
+from bench.exp.prof_bwd import make_inputs  # noqa: E402
 
 CONFIGS = {
     "default": {},
@@ -55,13 +56,8 @@ CONFIGS = {
 
 def one_case(af, D: int, variant: str, a, rows: list) -> None:
     B, H, S = a.B, a.H, a.S
-    Hkv = 4 if variant == "gqa_causal" else H
-    torch.manual_seed(0)
-    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn_like(q)
-    score_mod, mask_mod, _ = make_variant(variant, H, S, "cuda")
+    q, k, v, do, score_mod, mask_mod = make_inputs(variant, B, H, S, D)
+    Hkv = k.shape[1]
     bm = af.create_block_mask(mask_mod, None, None, S, S, device="cuda") if mask_mod else None
     density = 1.0 - bm.sparsity() / 100.0 if bm is not None else 1.0
     bwd_flops = flops(B, H, S, D, density)[1]

@@ -41,6 +41,17 @@ def kernel_times(fn, iters=3):
     return acc
 
 
+def make_inputs(variant, B, H, S, D) -> tuple:
+    """q, k, v, dO (bf16, CUDA, seeded) and the variant's (score_mod, mask_mod)."""
+    Hkv = 4 if variant == "gqa_causal" else H
+    torch.manual_seed(0)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    score_mod, mask_mod, _ = make_variant(variant, H, S, "cuda")
+    return q, k, v, torch.randn_like(q), score_mod, mask_mod
+
+
 def make_step(variant, impl, B, H, S, D):
     """One forward+backward of ``impl`` on fresh inputs (bench_attention's shapes and mods)."""
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
@@ -48,13 +59,8 @@ def make_step(variant, impl, B, H, S, D):
 
     import attnforge as af
 
-    Hkv = 4 if variant == "gqa_causal" else H
-    torch.manual_seed(0)
-    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn_like(q)
-    score_mod, mask_mod, _ = make_variant(variant, H, S, "cuda")
+    q, k, v, do, score_mod, mask_mod = make_inputs(variant, B, H, S, D)
+    Hkv = k.shape[1]
     kw = dict(score_mod=score_mod, enable_gqa=Hkv != H)
     if impl == "attnforge":
         bm = af.create_block_mask(mask_mod, None, None, S, S, device="cuda") if mask_mod else None
