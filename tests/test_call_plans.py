@@ -213,3 +213,123 @@ def test_tma_plan_follows_address_alignment(tma_descriptor_calls):
         out = af.flex_attention(q, k, v, kernel_options=opts)
         _check(out, q, k, v)
         assert (len(descs) > before) == tma, (offset, tma)
+
+
+@pytest.fixture
+def full_backwards(monkeypatch):
+    """Counts backwards that take the full path (launch._bwd_kernels runs only there)."""
+    from attnforge.runtime import launch
+
+    calls = []
+    original = launch._bwd_kernels
+
+    def kernels(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(launch, "_bwd_kernels", kernels)
+    api._plans.clear()
+    return calls
+
+
+def _ref_grads(q, k, v, wrt, loss, **kw):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*leaves, **kw)
+    return torch.autograd.grad(loss(ref), [leaves[i] for i in wrt])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"DQ_ATOMIC": True}, {"USE_TMA": True}, {"BLOCK_M1": 16, "BLOCK_N2": 16}]
+)
+def test_backward_plan_replays_with_new_values(full_backwards, options):
+    # a repeat backward of a plan launches the recorded kernels: new tensors, a changed scalar
+    # and tensor the mods capture, another loss, each checked against float64 autograd
+    q, k, v = _qkv(L=40, S=72, D=24, Hkv=1, grad=True)
+    slope, bias = 0.5, torch.randn(2)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s + slope * bias[h]
+
+    bm = af.create_block_mask(_causal, None, None, 40, 72, device="cpu", BLOCK_SIZE=32)
+    kw = dict(score_mod=score, block_mask=bm, enable_gqa=True)
+    losses = [lambda o: o.sum(), lambda o: (o * o.detach().flip(-1)).sum(),
+              lambda o: o.transpose(-1, -2).contiguous().pow(2).sum()]  # fmt: skip
+    for step in range(4):
+        loss = losses[step % 3]
+        out = af.flex_attention(q, k, v, kernel_options=options, **kw)
+        got = torch.autograd.grad(loss(out), (q, k, v))
+        for g, want in zip(got, _ref_grads(q, k, v, (0, 1, 2), loss, **kw)):
+            torch.testing.assert_close(g.double(), want, atol=2e-4, rtol=1e-3)
+        slope, bias = slope + 0.25, bias.flip(0)  # new captured values
+        q, k, v = (t.detach().mul(1.5).requires_grad_() for t in (q, k, v))
+    assert len(full_backwards) == 1
+
+
+def test_backward_plan_per_wanted_gradient(full_backwards):
+    # which grads are wanted (dq or not, the lse's) picks the recorded plan: one per kind
+    q, k, v = _qkv(L=33, S=33, D=16, grad=True)
+    bm = af.create_block_mask(_causal, None, None, 33, 33, device="cpu", BLOCK_SIZE=32)
+    q_frozen = q.detach()
+    for _ in range(2):
+        out, lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+        got = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = reference_attention(q64, k64, v64, block_mask=bm, return_lse=True)
+        want = torch.autograd.grad(ref.sum() + ref_lse.sum(), (q64, k64, v64))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=1e-3)
+        out = af.flex_attention(q_frozen, k, v, block_mask=bm)
+        got = torch.autograd.grad(out.sum(), (k, v))
+        want = _ref_grads(q_frozen, k, v, (1, 2), lambda o: o.sum(), block_mask=bm)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=1e-3)
+    assert len(full_backwards) == 2
+
+
+def test_backward_plan_not_used_for_captured_tensor_grads(full_backwards):
+    q, k, v = _qkv(L=32, S=32, D=16, grad=True)
+    bias = torch.zeros(2, requires_grad=True)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s + bias[h]
+
+    for _ in range(2):
+        out = af.flex_attention(q, k, v, score_mod=score)
+        (g_bias,) = torch.autograd.grad(out.pow(2).sum(), (bias,))
+        b64 = bias.detach().double().requires_grad_()
+        ref = reference_attention(*(t.detach().double() for t in (q, k, v)),
+                                  score_mod=lambda s, b, h, i, j, b64=b64: s + b64[h])  # fmt: skip
+        (want,) = torch.autograd.grad(ref.pow(2).sum(), (b64,))
+        torch.testing.assert_close(g_bias.double(), want, atol=2e-4, rtol=1e-3)
+    assert len(full_backwards) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"DQ_ATOMIC": True}, {"DQ_ATOMIC": True, "DQ_TMA": False}])
+@pytest.mark.parametrize("D", [64, 128, 80])
+def test_gpu_backward_plan_replays(options, D):
+    # the raw backward launches on the GPU: repeat backwards of one plan (new inputs, a changed
+    # captured scalar and tensor each time) against float64 autograd, bf16 tolerance
+    api._plans.clear()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    L, S = 257, 300
+    slope, bias = 0.5, torch.randn(4, device="cuda", generator=g)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s + slope * bias[h]
+
+    bm = af.create_block_mask(_causal, None, None, L, S, device="cuda")
+    kw = dict(score_mod=score, block_mask=bm, enable_gqa=True)
+    for step in range(5):
+        q = torch.randn(2, 4, L, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, S, D, device="cuda", generator=g, dtype=torch.bfloat16)
+                for _ in range(2))  # fmt: skip
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        d_out = torch.randn(2, 4, L, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        out = af.flex_attention(q, k, v, kernel_options=options, **kw)
+        got = torch.autograd.grad(out, (q, k, v), d_out)
+        want = _ref_grads(q, k, v, (0, 1, 2), lambda o, d=d_out: (o * d.double()).sum(), **kw)
+        for a, b in zip(got, want):
+            err = (a.double() - b).abs().max().item()
+            assert err <= 6e-2 * (1 + b.abs().max().item()), (step, err)
+        slope, bias = slope + 0.25, bias.flip(0)

@@ -162,3 +162,47 @@ def test_raw_launch_with_captured_values(gpu, monkeypatch):
     _check(gpu, monkeypatch, call, raw=True)
     window = 32
     _check(gpu, monkeypatch, call, raw=True)
+
+
+# C-launcher positions (after the 13 base arguments) of the tensors a backward allocates: the
+# dQ kernel's dq and delta (or the preprocess kernel's delta), then the dK/dV kernel's dk, dv,
+# delta and dQ accumulator
+_BWD_FRESH = {"dq": (13 + 5, 13 + 7), "pre": (13 + 3,), "dkdv": (13 + 4, 13 + 5, 13 + 7, 13 + 8)}
+
+
+@pytest.mark.parametrize("options", [{}, {"DQ_ATOMIC": True}])
+def test_backward_plan_launches_raw(gpu, monkeypatch, options):
+    # a repeat backward of a plan: one raw C-launcher call per kernel, passing what Triton's
+    # launch path passes for the same backward (allocated buffers aside)
+    launches, raws = gpu
+    window = 32
+
+    def mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    bm = af.create_block_mask(mask, None, None, 128, 128, device="cpu")
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def backward(out, d_out) -> list:
+        before = len(launches)
+        torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+        assert len(launches) == before + 2
+        return [_plain(a) for a in launches[before:]]
+
+    for step in range(7):
+        out = af.flex_attention(q, k, v, block_mask=bm, kernel_options=options)
+        d_out = torch.empty_like(out).normal_()  # (aligned, as CUDA allocations)
+        raws.clear()
+        got = backward(out, d_out)
+        # replays: the first finds Triton's kernel, the second makes the raw launch; a new int
+        # value (step 4) takes launch_planned twice again
+        assert raws == ([True, True] if step in (3, 6) else []), step
+        monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
+        want = backward(out, d_out)
+        monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
+        kernels = ("pre" if options else "dq", "dkdv")  # (dQ by atomics: no dQ kernel)
+        for g, w, name in zip(got, want, kernels):
+            for i in _BWD_FRESH[name]:
+                g[i] = w[i] = 0
+            assert g == w
+        window = 32 if step < 3 else 64  # a new int value: launch_planned once, then raw

@@ -1079,6 +1079,17 @@ def launch_bwd(
         d_out = d_out.contiguous()
     if d_lse is not None and d_lse.stride() != lse.stride():
         d_lse = d_lse.contiguous()
+    # a repeat backward of a per-call plan: its recorded launches (no captured-tensor grads)
+    plans = call.memo.setdefault("bwd", {}) if call.memo is not None and not dry else None
+    plan_key = None
+    if plans is not None and not any(needs):
+        plan_key = (need_dq, d_lse is not None, torch.are_deterministic_algorithms_enabled())
+        plan = plans.get(plan_key)
+        if plan is not None:
+            given = (q, k, v, out, lse, d_out, d_lse if d_lse is not None else lse)
+            done = plan(call, given, tensors)
+            if done is not None:
+                return done[0] if need_dq else None, done[1], done[2], [None] * len(tensors)
     # every row of dq, dk, dv is written by exactly one program (zeros where nothing attends)
     if dry:  # stand-ins of the same dtype, strides and (allocator) alignment
         dq, dk, dv = q, k, v
@@ -1094,9 +1105,12 @@ def launch_bwd(
     grads = _BwdGrads(d_out, d_lse, params, grad_args, bits, need_dq)
     if not dry and bits == 0 and autotune.active(q):  # no atomics into captured-tensor grads
         cfg = _tune_bwd(call, q, k, v, out, lse, grads, cfg)
-    _bwd_kernels(call, q, k, v, out, lse, grads, (dq, dk, dv), cfg, dry=dry)
+    steps = [] if plan_key is not None else None
+    _bwd_kernels(call, q, k, v, out, lse, grads, (dq, dk, dv), cfg, dry=dry, record=steps)
     if dry:
         return None
+    if steps:
+        plans[plan_key] = _BwdPlan(steps)
     return dq if need_dq else None, dk, dv, _cast_grads(buffers, tensors)
 
 
@@ -1130,11 +1144,12 @@ def _tune_bwd(call: KernelCall, q, k, v, out, lse, grads: _BwdGrads, cfg: BwdCon
 
 def _bwd_kernels(
     call: KernelCall, q, k, v, out, lse, grads: _BwdGrads, outs: tuple, cfg: BwdConfig, *,
-    dry: bool = False, tuning: bool = False,
+    dry: bool = False, tuning: bool = False, record: list | None = None,
 ) -> None:  # fmt: skip
     """Every backward kernel for ``cfg``, writing ``outs = (dq, dk, dv)``.  ``dry``: only
     compile (:func:`compile_backward_ahead`); ``tuning``: no shrinking (a config that does not
-    fit raises) and no parallel precompile."""
+    fit raises) and no parallel precompile; ``record``: a list that gets the launches that ran,
+    as :class:`_BwdStep` (for a :class:`_BwdPlan`)."""
     d_out, d_lse, params, grad_args, bits, need_dq = grads
     dq, dk, dv = outs
     B, Hq, L, E = q.shape
@@ -1161,19 +1176,18 @@ def _bwd_kernels(
     run_dq_kernel = bits != 0 or (need_dq and not atomic)
     dq_acc = q  # a dummy pointer when dQ is not made in the dK/dV kernel (never touched)
     if dq_in_dkdv:
-        # features padded to 16 bytes (a view of the first E): a TMA reduce can describe it
-        dq_acc = torch.zeros((B, Hq, L, -(-E // 4) * 4), dtype=torch.float32,
-                             device="meta" if dry else dev)[..., :E]  # fmt: skip
+        dq_acc = _dq_buffer(q, "meta" if dry else dev)
     # dQ tiles by TMA bulk reduce-adds (see use_dq_tma), else element-wise atomics
     dq_tma = dq_in_dkdv and use_dq_tma(cfg, call.options, dev, head_dim_pad(E))
     has_dlse = d_lse is not None
     dl = d_lse if has_dlse else lse
-    pre_args = (
-        out, d_out, dl, delta, *out.stride(), *d_out.stride(),
-        *(dl.stride() if has_dlse else (0, 0, 0)), Hq, L,
-    )  # fmt: skip
+    # every kernel's leading tensors, by name (a plan's replay supplies new ones)
+    tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, delta=delta, dq=dq,
+                   dk=dk, dv=dv, dq_acc=dq_acc)  # fmt: skip
+    pre_rest = (*out.stride(), *d_out.stride(), *(dl.stride() if has_dlse else (0, 0, 0)), Hq, L)
     pre_consts = dict(HEAD_DIM_V=Ev, HEAD_DIM_V_PAD=head_dim_pad(Ev), BLOCK_M=cfg.BLOCK_M2,
                       HAS_DLSE=has_dlse)  # fmt: skip
+    pre_args = (*[tensors[n] for n in _PRE_HEAD], *pre_rest)
     # -- dK, dV over the transposed lists (k/v broadcast over the batch: loop inside) --
     q_lists, q_strides, has_full_q = _block_args(bm, q_block_lists)
     z_per_kv = B if Bkv == 1 else 1
@@ -1184,11 +1198,13 @@ def _bwd_kernels(
     tma = cfg.USE_TMA and _tma_describable((head_dim_pad(E), head_dim_pad(Ev)), (q, k, v, d_out))
     tma_dkdv = tma and call.options.get("USE_TMA", False)
 
+    def dkdv_descs(c: BwdConfig) -> tuple:
+        rows = c.BLOCK_M1
+        qdo = (("q", rows), ("d_out", rows)) if _tma_on(tma_dkdv, rows) else (None, None)
+        return (*qdo, ("dq_acc", rows) if _tma_on(dq_tma, rows) else None)
+
     def dkdv_args(c: BwdConfig) -> tuple:
-        descs = (_descriptor(q, c.BLOCK_M1), _descriptor(d_out, c.BLOCK_M1)) if _tma_on(
-            tma_dkdv, c.BLOCK_M1) else (None, None)  # fmt: skip
-        dq_desc = _descriptor(dq_acc, c.BLOCK_M1) if _tma_on(dq_tma, c.BLOCK_M1) else None
-        return (q, k, v, d_out, dk, dv, lse, delta, dq_acc, *descs, dq_desc, *dkdv_rest)
+        return _step_args(tensors, _DKDV_HEAD, dkdv_descs(c), dkdv_rest)
 
     dkdv_rest = (
         *q_lists,
@@ -1213,10 +1229,12 @@ def _bwd_kernels(
     kv_lists, kv_strides, has_full = _block_args(bm, kv_block_lists)
     dq_kernel = mod._attn_bwd_dq
 
+    def dq_descs(c: BwdConfig) -> tuple:
+        rows = c.BLOCK_N2
+        return (("k", rows), ("v", rows)) if _tma_on(tma, rows) else (None, None)
+
     def dq_args(c: BwdConfig) -> tuple:
-        descs = (_descriptor(k, c.BLOCK_N2), _descriptor(v, c.BLOCK_N2)) if _tma_on(
-            tma, c.BLOCK_N2) else (None, None)  # fmt: skip
-        return (q, k, v, out, d_out, dq, lse, delta, dl, *descs, *dq_rest)
+        return _step_args(tensors, _DQ_HEAD, dq_descs(c), dq_rest)
 
     dq_rest = (
         *kv_lists,
@@ -1245,25 +1263,136 @@ def _bwd_kernels(
     if dry:
         return
 
-    def run_dq(c: BwdConfig) -> None:
-        dq_kernel[(triton_cdiv(L, c.BLOCK_M2) * B * Hq,)](*dq_args(c), **dq_kw(c))
+    def dq_grid(c: BwdConfig) -> tuple:
+        return (triton_cdiv(L, c.BLOCK_M2) * B * Hq,)
 
-    def run_dkdv(c: BwdConfig) -> None:
-        dkdv[(triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)](*dkdv_args(c), **dkdv_kw(c))
+    def dkdv_grid(c: BwdConfig) -> tuple:
+        return (triton_cdiv(S, c.BLOCK_N1) * Bkv * Hkv,)
 
-    def launch(kernel, key: tuple, plan: tuple, run) -> None:
+    def launch(kernel, key: tuple, plan: tuple, grid, args, kw) -> BwdConfig:
+        def run(c: BwdConfig) -> None:
+            kernel[grid(c)](*args(c), **kw(c))
+
         if tuning:
             run(cfg)
-        else:
-            launch_shrinking(kernel, cfg, key, call.options, plan, run)
+            return cfg
+        return launch_shrinking(kernel, cfg, key, call.options, plan, run)
 
+    n = len(params)
     if run_dq_kernel:
-        launch(dq_kernel, dq_key, _DQ_SHRINK, run_dq)
+        ran = launch(dq_kernel, dq_key, _DQ_SHRINK, dq_grid, dq_args, dq_kw)
+        # (with no captured-tensor grads, grad_args are fixed dummies: the step's tail)
+        first = _BwdStep(dq_kernel, dq_grid(ran), _DQ_HEAD, dq_descs(ran),
+                         dq_rest[: len(dq_rest) - n - len(grad_args)], dq_kw(ran), n,
+                         tuple(grad_args))  # fmt: skip
     else:
-        mod._attn_bwd_preprocess[(triton_cdiv(L, cfg.BLOCK_M2), B * Hq)](*pre_args, **pre_consts)
-    launch(dkdv, dkdv_key, _DKDV_SHRINK, run_dkdv)
+        pre_grid = (triton_cdiv(L, cfg.BLOCK_M2), B * Hq)
+        mod._attn_bwd_preprocess[pre_grid](*pre_args, **pre_consts)
+        first = _BwdStep(mod._attn_bwd_preprocess, pre_grid, _PRE_HEAD, (), pre_rest,
+                         pre_consts, 0, ())  # fmt: skip
+    ran = launch(dkdv, dkdv_key, _DKDV_SHRINK, dkdv_grid, dkdv_args, dkdv_kw)
     if dq_in_dkdv:
         dq.copy_(dq_acc)
+    if record is not None and bits == 0:
+        rest = dkdv_rest[: len(dkdv_rest) - n]
+        record += [first, _BwdStep(dkdv, dkdv_grid(ran), _DKDV_HEAD, dkdv_descs(ran), rest,
+                                   dkdv_kw(ran), n, ())]  # fmt: skip
+
+
+# the backward kernels' leading tensor arguments (the Kernel ABI in bwd.py.tmpl)
+_PRE_HEAD = ("out", "d_out", "dl", "delta")
+_DQ_HEAD = ("q", "k", "v", "out", "d_out", "dq", "lse", "delta", "dl")
+_DKDV_HEAD = ("q", "k", "v", "d_out", "dk", "dv", "lse", "delta", "dq_acc")
+
+
+def _dq_buffer(q: torch.Tensor, device) -> torch.Tensor:
+    """dQ's fp32 accumulator for atomics, zeroed; its features padded to 16 bytes (a view of
+    the first E), so a TMA reduce can describe it."""
+    B, Hq, L, E = q.shape
+    return torch.zeros((B, Hq, L, -(-E // 4) * 4), dtype=torch.float32, device=device)[..., :E]
+
+
+def _step_args(tensors: dict, head: tuple, descs: tuple, rest: tuple) -> tuple:
+    """A backward kernel's arguments: its leading tensors, the TMA descriptors (``(tensor name,
+    rows)`` or None each) and the rest."""
+    lead = [tensors[n] for n in head]
+    return (*lead, *[None if d is None else _descriptor(tensors[d[0]], d[1]) for d in descs],
+            *rest)  # fmt: skip
+
+
+class _BwdStep(NamedTuple):
+    """One backward launch as it ran: arguments = ``head`` tensors, descriptors over them,
+    ``rest`` (fixed per plan), then the ``n_params`` captured-value arguments (0 or all) and
+    ``tail`` (fixed)."""
+
+    kernel: Any
+    grid: tuple
+    head: tuple  # tensor names, see _step_args
+    descs: tuple
+    rest: tuple
+    kwargs: dict
+    n_params: int
+    tail: tuple  # what follows the captured values (dQ: the unused gradient slots' dummies)
+
+
+class _BwdPlan:
+    """A backward as :func:`launch_bwd` made it, for the next backward of the same per-call
+    plan (``KernelCall.memo``) with the same gradients wanted: shapes, strides, dtypes, block
+    mask, options and config are the recorded ones, so only the tensors (new dq, dk, dv, delta,
+    dQ accumulator), their descriptors and the captured values are rebuilt, and each kernel is
+    launched raw (``loader.RAW_PLANNED``), by ``Launcher.launch_planned`` or, interpreted, by
+    ``kernel[grid]``.  Returns None (the caller takes the full path) where a layout or the
+    TMA alignment changed, or a new specialisation of a captured value ran out of resources."""
+
+    __slots__ = ("steps", "memos", "layouts", "dq_acc", "uses_tma", "planned")
+
+    def __init__(self, steps: list):
+        self.steps = steps
+        self.memos = [{} for _ in steps]  # launch_planned's, one per kernel
+        self.dq_acc = any(s.kwargs.get("DQ_ATOMIC") for s in steps)
+        described = {d[0] for s in steps for d in s.descs if d is not None}
+        self.uses_tma = tuple(("q", "k", "v", "out", "lse", "d_out", "dl").index(n)
+                              for n in described if n != "dq_acc")  # fmt: skip
+        self.planned = [getattr(s.kernel, "launch_planned", None) for s in steps]
+        self.layouts = None
+
+    def __call__(self, call: KernelCall, given: tuple, captured: list):
+        q, k, v, out, lse, d_out, dl = given
+        layouts = tuple([(t.stride(), t.dtype) for t in (d_out, dl)])
+        if self.layouts is None:
+            self.layouts = layouts
+        elif layouts != self.layouts:
+            return None
+        for i in self.uses_tma:  # shapes and strides are the plan's: only alignment can change
+            if given[i].data_ptr() & 15:
+                return None
+        dev = q.device
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, dq=dq, dk=dk, dv=dv,
+                       delta=torch.empty(lse.shape, dtype=torch.float32, device=dev),
+                       dq_acc=_dq_buffer(q, dev) if self.dq_acc else q)  # fmt: skip
+        params = ()
+        if self.steps[-1].n_params:
+            params = tuple(_param_args(call.lowered, call.scalars, captured))
+        # Triton specialises ints and bools, never floats; tensors are keyed by address
+        extra = tuple([a for a in params if type(a) is int or type(a) is bool]) if params else ()
+        for step, memo, planned in zip(self.steps, self.memos, self.planned):
+            head = tuple([tensors[n] for n in step.head])
+            tail = (*params, *step.tail) if step.n_params else step.tail
+            raw = memo.get(loader.RAW_PLANNED) if planned is not None else None
+            if raw is not None and raw(head, tail, extra):
+                continue
+            args = (*_step_args(tensors, step.head, step.descs, step.rest), *tail)
+            try:
+                if planned is None:
+                    step.kernel[step.grid](*args, **step.kwargs)
+                else:
+                    planned(step.grid, args, step.kwargs, memo, extra, len(head), len(tail))
+            except OutOfResources:  # a new specialisation: the full path shrinks
+                return None
+        if self.dq_acc:
+            dq.copy_(tensors["dq_acc"])
+        return dq, dk, dv
 
 
 def _tma_on(tma: bool, rows: int) -> bool:
