@@ -48,7 +48,7 @@ for name, D, even in [("noop", 128, True), ("causal", 64, True), ("alibi", 128, 
     slots = {s.name: PTR[s.dtype] if s.kind == "tensor" else SCALAR[s.dtype] for s in low.slots}
     cx = dict(BLOCK_M=128, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=even,
               HAS_FULL_BLOCKS=mask is not None, SCALE_FOLDED=score is None, POS_F32=True,
-              NUM_STAGES=2 if D == 128 else 3, PINGPONG=False)
+              NUM_STAGES=2 if D == 128 else 3, PINGPONG=False, PERSISTENT=D == 64)
     sig, consts = {}, {}
     for arg in fn.arg_names:
         if arg in cx:

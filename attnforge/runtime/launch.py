@@ -67,8 +67,12 @@ KERNEL_OPTIONS: dict[str, str] = {
     "DQ_TMA": "backward with DQ_ATOMIC on sm_90+ (bool, default True where Triton has "
     "descriptor reductions): each dQ tile is added by one TMA bulk reduce-add instead of "
     "element-wise atomics",
+    "PERSISTENT": "the warp-specialised forward (bool; default True without a block mask): one "
+    "CTA per SM walks query tiles in rounds, loading the next tile's Q and K/V while it "
+    "finishes one; False launches one CTA per tile",
 }
-_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS", "DQ_TMA"})
+_BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS", "DQ_TMA",
+                           "PERSISTENT"})  # fmt: skip
 # FlexAttention keys that only steer its own kernel choice; accepted so flex code runs unchanged
 IGNORED_FLEX_OPTIONS = frozenset(
     {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "FORCE_USE_FLEX_ATTENTION",
@@ -567,6 +571,11 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
     q_block, kv_block = bm.BLOCK_SIZE
     lists, bm_strides, has_full = _block_args(bm, kv_block_lists)
     kernel = cache.load_ws(call.modules)._attn_fwd_ws
+    n_tiles = triton_cdiv(L, _WS_BLOCK_M) * B * Hq
+    # persistent (one CTA per SM: its shared memory and registers hold one) where every tile
+    # has the same work: H100, no mask, D=128 573 vs 556 TF/s, D=64 419 vs 408 (causal, where
+    # the heaviest-first order is per head group, 489 vs 537: bench/NOTES.md, session 9)
+    persistent = call.options.get("PERSISTENT", bm._all_full)
     rest = (
         *lists,
         0 if k.shape[0] == 1 else k.stride(0), *out.stride()[:3],
@@ -574,6 +583,7 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
         Hq, call.gqa_group, L, S, call.scale,
         head_group(call, triton_cdiv(L, _WS_BLOCK_M), B * Hq,
                    S * 2 * E * q.element_size() // call.gqa_group, q.device),
+        B * Hq,
     )  # fmt: skip
     params = tuple(_param_args(call.lowered, call.scalars, tensors))
     kw = dict(
@@ -586,9 +596,11 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
         POS_F32=positions_f32(L, S),
         NUM_STAGES=stages,
         PINGPONG=False,
+        PERSISTENT=persistent,
         num_warps=4,
     )
-    plan = _WsPlan(kernel, (triton_cdiv(L, _WS_BLOCK_M) * B * Hq,), kw, rest, len(params))
+    grid = min(n_tiles, _sm_count(q.device)) if persistent else n_tiles
+    plan = _WsPlan(kernel, (grid,), kw, rest, len(params))
     plan.launch(q, k, v, out, lse, params)
     if call.memo is not None:
         call.memo["fwd"] = plan

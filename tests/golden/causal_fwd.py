@@ -209,12 +209,16 @@ def _program_tile(N_TILES, HEAD_GROUP):
     # causal mask: longest-processing-time order) and the grid ends on light tiles instead of
     # on the last head's heaviest one.  The group is small enough for its K/V to stay in L2
     # (launch.head_group picks it).
-    pid = tl.program_id(0)
-    n_heads = tl.num_programs(0) // N_TILES
+    return _tile_order(tl.program_id(0), tl.num_programs(0) // N_TILES, N_TILES, HEAD_GROUP)
+
+
+@_device_fn
+def _tile_order(tile, n_heads, N_TILES, HEAD_GROUP):
+    # tile number (0 .. N_TILES * n_heads - 1) -> (rank, head), as _program_tile describes
     per_group = HEAD_GROUP * N_TILES
-    first = (pid // per_group) * HEAD_GROUP
+    first = (tile // per_group) * HEAD_GROUP
     size = tl.minimum(HEAD_GROUP, n_heads - first)
-    r = pid - first * N_TILES
+    r = tile - first * N_TILES
     return r // size, first + r % size
 
 
