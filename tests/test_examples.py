@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 ERROR_LINE = re.compile(r"max error vs reference[^:]*: (\S+)")
 TOL = 2e-3  # float32 kernels vs the float64 reference, random inputs of unit scale
-TOL_GPU = 3e-2  # bf16 inputs and output (8 mantissa bits) vs the float64 reference
+# bf16 inputs and outputs (8 mantissa bits) vs the float64 reference: gradients of magnitude
+# 4-8 are 1/32 apart, so one rounding step of the accumulation order is 3.1e-2
+TOL_GPU = 6e-2
 
 FAST = ["sliding_window", "document_mask"]  # plus quickstart, below
 SLOW = ["causal", "alibi", "softcap", "prefix_lm", "natten_2d", "learnable_bias"]

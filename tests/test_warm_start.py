@@ -67,7 +67,9 @@ def test_gpu_warm_process_loads_kept_binaries_without_triton_compile(tmp_path):
                TRITON_CACHE_DIR=str(tmp_path / "tr"), PYTHONPATH=str(ROOT))  # fmt: skip
     cold = _child(env)
     assert cold["compiles"], cold  # first process compiles (fwd, bwd kernels)
-    assert cold["binary_saves"] == len(cold["compiles"]) >= 2, cold  # fwd + bwd kernels
+    # fwd + bwd kernels kept (compile helpers, ATTNFORGE_COMPILE_WORKERS, may have compiled
+    # some of them: those never reach this process's triton.compile)
+    assert cold["binary_saves"] >= max(2, len(cold["compiles"])), cold
     assert cold["err"] < 5e-2, cold
     warm = _child(env)
     assert warm["compiles"] == [], warm  # nothing reaches triton.compile
