@@ -59,7 +59,8 @@ KERNEL_OPTIONS: dict[str, str] = {
     "tiles first (default: sized so the grid ends on light tiles and a group's K/V fits in L2)",
     "FWD_WS": "forward on sm_90 (bool): the warp-specialised Gluon kernel (default where it "
     "applies: 16-bit, head dim 64 or 128, BLOCK_SIZE multiples of 128, no BLOCK_M/BLOCK_N/"
-    "num_warps/num_stages given); False runs the Triton kernel",
+    "num_warps/num_stages given, and at head dim 64 no mask_mod unless FWD_WS=True is given); "
+    "False runs the Triton kernel",
     "DQ_ATOMIC": "backward: True adds dQ into an fp32 buffer with atomics inside the dK/dV "
     "kernel (fewer matmuls, but an fp32 buffer to fill and cast; not under "
     "torch.use_deterministic_algorithms unless set here), False (default) computes it in its "
@@ -230,16 +231,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def head_group(call: KernelCall, n_tiles: int, n_heads: int, stream_bytes: int, device) -> int:
+def head_group(
+    call: KernelCall, n_tiles: int, n_heads: int, stream_bytes: int, device, per_sm: int = 1
+) -> int:
     """Heads per group of the program order (``kernel_options["HEAD_GROUP"]`` if given);
-    ``stream_bytes``: what one head's programs stream (K and V in the forward).  Without a mask
-    every tile has the same work: no tail to shorten, so one head per group (fewest heads'
-    K/V in L2 at a time)."""
+    ``stream_bytes``: what one head's programs stream (K and V in the forward); ``per_sm``:
+    programs resident per SM (the group must cover every slot).  Without a mask every tile has
+    the same work: no tail to shorten, so one head per group (fewest heads' K/V in L2)."""
     if "HEAD_GROUP" in call.options:
         return call.options["HEAD_GROUP"]
     if call.block_mask._all_full:
         return 1
-    want = -(-2 * _sm_count(device) // max(n_tiles, 1))
+    want = -(-2 * _sm_count(device) * per_sm // max(n_tiles, 1))
     cap = max(2, _L2_BUDGET // max(stream_bytes, 1))
     return max(1, min(want, cap, n_heads))
 
@@ -416,7 +419,8 @@ def launch_fwd(
         *bm_strides,
         Hq, call.gqa_group, L, S, call.scale,
         head_group(call, triton_cdiv(L, cfg.BLOCK_M), B * Hq,
-                   S * (E + Ev) * q.element_size() // call.gqa_group, q.device),
+                   S * (E + Ev) * q.element_size() // call.gqa_group, q.device,
+                   _fwd_programs_per_sm(cfg, E, Ev)),
         *(params := _param_args(call.lowered, call.scalars, tensors)),
     )  # fmt: skip
     # sm_scale > 0: the softmax can take its max over raw q.k and fold the scale into exp2
@@ -440,6 +444,13 @@ def launch_fwd(
         kw = _fwd_constexprs(ran, *shape_key)
         memo["fwd"] = _FwdPlan(kernel, cfg, ran, grid, kw, args, len(params), out, lse)
     return out, lse
+
+
+def _fwd_programs_per_sm(cfg: FwdConfig, E: int, Ev: int) -> int:
+    """Forward programs an H100 SM holds: two of the 4-warp head-dim-64 default (83 KB shared,
+    218 registers a thread), else one.  H100, D=64 causal: HEAD_GROUP 8-16 (two programs'
+    worth) 394-398 TF/s vs 5 (one) 388-395, 2: 381 (bench/NOTES.md, session 10)."""
+    return 2 if cfg.num_warps == 4 and max(head_dim_pad(E), head_dim_pad(Ev)) <= 64 else 1
 
 
 def _fwd_effective_config(cfg: FwdConfig, q, k, v) -> FwdConfig:
@@ -537,10 +548,11 @@ def ws_stages(call: KernelCall, q, k, v) -> int:
     mask = call.lowered.mask
     if q_block % _WS_BLOCK_M or kv_block % _WS_BLOCK_N:
         return 0
-    if mask is not None and (E == 64 or mask.op is Op.CONST):
-        # D=64 with a mask: the Triton kernel's 64-key tiles skip more of the partial blocks and
-        # measured faster (H100: causal 397 vs 367 TF/s, sliding window 1.02 vs 0.89x flex);
-        # a constant mask's [1, 1] tl.full tile has no Gluon layout
+    if mask is not None and (E == 64 and not opts.get("FWD_WS") or mask.op is Op.CONST):
+        # D=64 with a mask, unless FWD_WS=True asks: the Triton kernel's 64-key tiles skip more
+        # of the partial blocks and measured faster (H100: causal 397 vs 367 TF/s, sliding
+        # window 1.02 vs 0.89x flex; session 10: causal 385 vs 379-386); a constant mask's
+        # [1, 1] tl.full tile has no Gluon layout
         return 0
     if not _tma_describable((_WS_ROWS, _WS_BLOCK_N, E, E), (q, k, v)):
         return 0

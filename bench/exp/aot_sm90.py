@@ -28,6 +28,7 @@ from attnforge.codegen import lower  # noqa: E402
 from attnforge.dsl.api import as_mod  # noqa: E402
 
 # kernel argument types of captured values (``Lowered.slots``), by slot kind and dtype
+CUBIN = "/tmp/aot_sm90.cubin"  # the last ptxas output (nvdisasm -c it for SASS)
 PTR = {"float32": "*fp32", "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 SCALAR = {"float": "fp32", "int": "i32", "bool": "i1"}
 
@@ -36,13 +37,15 @@ def slot_types(low) -> dict[str, str]:
     return {s.name: PTR[s.dtype] if s.kind == "tensor" else SCALAR[s.dtype] for s in low.slots}
 
 
-def build_sm90(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int):
+def build_sm90(
+    fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int, extra=None
+):
     """``triton.compile`` for sm_90 and ``ptxas -v`` on its PTX: (compiled kernel, PTX, the
     ptxas lines on registers and spills)."""
     c = triton.compile(
         ASTSource(fn, sig, consts, attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages, **(extra or {})},
     )
     ptx = c.asm["ptx"]
     return c, ptx, ptxas_lines(ptx)
@@ -52,13 +55,19 @@ def ptxas_lines(ptx: str) -> list[str]:
     """``ptxas -v`` for sm_90a on a PTX text: its lines on registers and spills."""
     ptx_path = Path(tempfile.mkdtemp(prefix="aot")) / "k.ptx"
     ptx_path.write_text(ptx)
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    bin_dir = Path(triton.__file__).parent / "backends/nvidia/bin"
+    # Triton >= 3.7 ships the sm_90 ptxas as ptxas-blackwell (its plain ptxas is older)
+    ptxas = max(bin_dir.glob("ptxas*"), key=lambda p: p.name.endswith("blackwell"))
     r = subprocess.run(
-        [str(ptxas), "-arch=sm_90a", "-v", str(ptx_path), "-o", f"{ptx_path}.cubin"],
+        [str(ptxas), "-arch=sm_90a", "-v", str(ptx_path), "-o", CUBIN],
         capture_output=True,
         text=True,
     )
-    return [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+    return [
+        ln.strip()
+        for ln in r.stderr.splitlines()
+        if "registers" in ln or "spill" in ln or "fatal" in ln
+    ]
 
 
 MODS = {
@@ -74,6 +83,7 @@ def main() -> None:
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--cfg", default="128x128w8s3")
     ap.add_argument("--tma", action="store_true")
+    ap.add_argument("--maxnreg", type=int, default=None, help="ptxas register cap per thread")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--full", type=int, default=None, help="HAS_FULL_BLOCKS (default: masked)")
     ap.add_argument(
@@ -163,7 +173,8 @@ def main() -> None:
             sig[name] = "i32"
             if name.startswith("stride_") or name in ("Q_LEN", "KV_LEN"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    c, ptx, ptxas_lines = build_sm90(fn, sig, consts, attrs, w, st)
+    extra = {"maxnreg": a.maxnreg} if a.maxnreg else None
+    c, ptx, ptxas_lines = build_sm90(fn, sig, consts, attrs, w, st, extra)
     if a.ptx:
         Path(a.ptx).write_text(ptx)
     print(

@@ -27,6 +27,8 @@ CONFIGS = {
     "default": {},
     "hg2": dict(HEAD_GROUP=2),  # program order: heads per group
     "hg4": dict(HEAD_GROUP=4),
+    "hg8": dict(HEAD_GROUP=8),
+    "hg16": dict(HEAD_GROUP=16),
     "notma": dict(DQ_TMA=False),  # the default config, dQ by element-wise atomics if atomic
     "sep": dict(DQ_ATOMIC=False),  # the default config, dQ in its own kernel
     # dQ-kernel tiles (BLOCK_M2 x BLOCK_N2; num_stages also sets the forward's)

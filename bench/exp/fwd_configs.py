@@ -25,6 +25,16 @@ CONFIGS = {
     "nopersist": dict(PERSISTENT=False),
     "persist": dict(PERSISTENT=True),
     "triton": dict(FWD_WS=False),
+    # program order: heads per group
+    "hg2": dict(HEAD_GROUP=2),
+    "hg8": dict(HEAD_GROUP=8),
+    "hg16": dict(HEAD_GROUP=16),
+    # the warp-specialised kernel where the default picks the Triton one (D=64 with a mask)
+    "ws": dict(FWD_WS=True),
+    "wsp": dict(FWD_WS=True, PERSISTENT=True),
+    "wsp64": dict(FWD_WS=True, PERSISTENT=True, HEAD_GROUP=64),
+    "wsp16": dict(FWD_WS=True, PERSISTENT=True, HEAD_GROUP=16),
+    "wshg64": dict(FWD_WS=True, HEAD_GROUP=64),
     # the Triton kernel's tiles (any of these also turns the warp-specialised kernel off)
     "w8": dict(num_warps=8),
     "s3": dict(num_stages=3),
