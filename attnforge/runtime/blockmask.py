@@ -825,6 +825,63 @@ def _plan_to_block_mask(mod, values, B, H, q_len, kv_len, bs, dev) -> BlockMask:
                      _ascending=True)  # fmt: skip
 
 
+# -- finer maps for small-tile kernels ----------------------------------------------------------
+# A kernel whose tiles are smaller than the blocks walks each PARTIAL block in sub-tiles, and
+# some of them keep nothing (a causal or sliding-window diagonal block seen by the dK/dV
+# kernel's 64 keys x 64 queries: the quarter above the diagonal) or everything.  ``refined``
+# splits PARTIAL blocks by mask_mod's analytic plan at the tile size.  FULL and empty blocks
+# keep their class: FlexAttention applies mask_mod only in PARTIAL blocks.
+_REFINE_MAX_CELLS = 1 << 24  # dense class cells of the finer map (int8) built once per values
+_REFINE_MIN_GAIN = 0.02  # fraction of the visited sub-blocks skipped for a finer map to pay
+
+
+def refined(bm: BlockMask, block: tuple[int, int]) -> BlockMask | None:
+    """``bm`` at the finer ``block`` (dividing its BLOCK_SIZE), or None where that would not
+    pay (under 2% of the visited sub-blocks skipped), the map would be too large, or the mask's
+    captured values cannot be keyed.  Cached on ``bm`` per current captured values: a changed
+    scalar or an in-place edit of a captured tensor builds it again (so a caller can check a
+    kept result with ``refined(bm, block) is kept``)."""
+    mod = bm.mask_mod
+    values = mod.param_values()
+    L, S = bm.seq_lengths
+    B, H = bm.shape[:2]
+    key, tensors = _cache_key(mod, values, (B, H, L, S, block, str(bm.device)))
+    if key is None:
+        return None
+    kept = bm.__dict__.setdefault("_refined", {})
+    hit = kept.get(block)
+    if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], tensors)):
+        return hit[2]
+    out = _refine(bm, mod, block)
+    kept[block] = (key, tuple(weakref.ref(t) for t in tensors), out)
+    return out
+
+
+def _refine(bm: BlockMask, mod: Mod, block: tuple[int, int]) -> BlockMask | None:
+    (qb, kb), (L, S) = bm.BLOCK_SIZE, bm.seq_lengths
+    if qb % block[0] or kb % block[1] or (qb, kb) == tuple(block):
+        return None
+    B, H = bm.shape[:2]
+    n_q, n_kv = math.ceil(L / block[0]), math.ceil(S / block[1])
+    if B * H * n_q * n_kv > _REFINE_MAX_CELLS:
+        return None
+    try:
+        fine = create_block_mask(mod, B, H, L, S, device=bm.device, BLOCK_SIZE=block)
+    except Exception:  # noqa: BLE001 - a speed-up only: the kernels walk bm as it is
+        return None
+    coarse = bm.to_dense_classes()
+    up = coarse.repeat_interleave(qb // block[0], 2).repeat_interleave(kb // block[1], 3)
+    up = up[:, :, :n_q, :n_kv]
+    classes = torch.where(up == PARTIAL, fine.to_dense_classes(), up)
+    skipped = int(((up == PARTIAL) & (classes == EMPTY)).sum())
+    if skipped < _REFINE_MIN_GAIN * int((up != EMPTY).sum()):
+        return None
+    num, idx = _dense_to_lists(classes == PARTIAL)
+    fnum, fidx = _dense_to_lists(classes == FULL)
+    return BlockMask((L, S), num, idx, fnum, fidx, BLOCK_SIZE=block, mask_mod=mod,
+                     _ascending=True)  # fmt: skip
+
+
 def _at_least_one_column(idx: torch.Tensor) -> torch.Tensor:
     """Kernels index ``kv_indices[..., 0]``; never hand them a zero-width tensor."""
     if idx.shape[-1] > 0:
