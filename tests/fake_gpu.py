@@ -64,6 +64,8 @@ def install(patch=setattr, aligned: bool = False, store: bool = False, ws: bool 
         def fill_tma_descriptor(self, ptr, swizzle, elem, dtype, block, shape, strides, padding):
             return ("tensormap", ptr, tuple(shape), tuple(strides))
 
+        fill_tma_descriptor_tiled = fill_tma_descriptor  # (triton >= 3.7)
+
     class Driver:
         utils = Utils()
 
@@ -104,7 +106,7 @@ def install(patch=setattr, aligned: bool = False, store: bool = False, ws: bool 
         run.num_ctas, run.launch_cooperative_grid, run.launch_pdl = 1, False, False
         run.global_scratch_size = run.profile_scratch_size = 0
         run.global_scratch_align = run.profile_scratch_align = 1
-        run.gsan_enabled = False  # (triton >= 3.7)
+        run.gsan_enabled, run.arg_annotations, run.kernel_signature = False, None, None  # (>= 3.7)
         run.launch = nv.wrap_handle_tensordesc(c_launch, sig, metas)
         return run
 
