@@ -6,7 +6,9 @@ paths (switched back by knobs), in one call:
 1. host overhead per forward call: ``bench_attention.host_overhead`` (1x1x128x64 bf16, causal
    block mask, no grad; wall per call minus kernel time; flex in the same run);
 2. warm-disk first call (fwd+bwd of a variant compiled by an earlier process, imports excluded):
-   launch index on (default) vs ``ATTNFORGE_LAUNCH_INDEX=0`` (Triton's binder once per kernel);
+   launch index with stand-ins (default: no kernel module executed, no Gluon import) vs
+   ``ATTNFORGE_STAND_INS=0`` (modules executed) vs ``ATTNFORGE_LAUNCH_INDEX=0`` (Triton's binder
+   once per kernel);
 3. cold first call: the default (backward on threads, forward alone), the same with
    ``triton_key()``'s kept value removed first (``runtime/triton_key.py``: hashed on a thread
    instead), and compile helpers (``ATTNFORGE_COMPILE_WORKERS=3``), each round a new variant
@@ -60,7 +62,10 @@ err = max((out.double() - ref).abs().max().item(),
 from attnforge.runtime import cache
 info = cache.cache_info()
 print(json.dumps(dict(first_call_s=t2 - t1, import_s=t1 - t0, err=err,
-                      binary_loads=info.binary_loads, binary_saves=info.binary_saves)))
+                      binary_loads=info.binary_loads, binary_saves=info.binary_saves,
+                      gluon="triton.experimental.gluon" in sys.modules,
+                      stand_ins=sum("__attnforge_stand_ins__" in vars(m)
+                                    for m in next(iter(cache._memory.values())).values()))))
 """
 
 
@@ -92,7 +97,8 @@ def compile_figures(rounds: int, log) -> dict:
                 cold = first_call({**base, **extra}, c)
                 res["cold"].setdefault(name, []).append(cold)
                 log(f"cold {name}: {cold}")
-                for wname, wextra in (("index", {}), ("no-index", {"ATTNFORGE_LAUNCH_INDEX": "0"})):
+                for wname, wextra in (("index", {}), ("no stand-ins", {"ATTNFORGE_STAND_INS": "0"}),
+                                      ("no-index", {"ATTNFORGE_LAUNCH_INDEX": "0"})):  # fmt: skip
                     warm = first_call({**base, **wextra}, c)
                     res["warm"].setdefault(f"{wname} (after {name})", []).append(warm)
                     log(f"warm {wname}: {warm}")

@@ -48,7 +48,8 @@ err = max((out.double() - ref).abs().max().item(),
           *((a.grad.double() - b.grad).abs().max().item() for a, b in ((q, qq), (k, kk), (v, vv))))
 info = cache.cache_info()
 print(json.dumps(dict(compiles=calls, seconds=dt, err=err, binary_loads=info.binary_loads,
-                      binary_saves=info.binary_saves)))
+                      binary_saves=info.binary_saves,
+                      gluon="triton.experimental.gluon" in sys.modules)))
 """
 
 
@@ -73,6 +74,7 @@ def test_gpu_warm_process_loads_kept_binaries_without_triton_compile(tmp_path):
     assert cold["err"] < 5e-2, cold
     warm = _child(env)
     assert warm["compiles"] == [], warm  # nothing reaches triton.compile
+    assert not warm["gluon"], warm  # launch-index hits on stand-ins (loader.load_stand_ins)
     assert warm["binary_loads"] == cold["binary_saves"], warm
     assert warm["err"] < 5e-2, warm
     # a different specialisation (length 1024: divisible by 16) compiles, then is kept too
@@ -537,3 +539,134 @@ def test_launch_key_text_is_exact():
     assert len(texts) == 9
     with pytest.raises(TypeError):
         loader._plain(object())
+
+
+# -- CPU, fake GPU: a warm launch-index hit with stand-ins (no kernel module run, no Gluon) -----
+
+_FAKE_CHILD = r"""
+import json, sys
+import torch, triton
+import attnforge as af, attnforge.runtime.api
+import fake_gpu
+launches = fake_gpu.install(aligned=True, store=True, ws=True)
+from attnforge.runtime import cache, launch
+torch.manual_seed(0)
+L = int(sys.argv[1])
+q, k, v = (torch.empty(1, 4, L, 64, dtype=torch.bfloat16).normal_().requires_grad_()
+           for _ in range(3))
+cap = 31.5
+def mod(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, cap * torch.tanh(score / cap) + 0.125 * h, -float("inf"))
+taken = []
+real = launch._launch_fwd_ws
+launch._launch_fwd_ws = lambda *a: taken.append(1) or real(*a)
+out, lse = af.flex_attention(q, k, v, score_mod=mod, return_lse=True)
+fwd = launches[0]
+out.sum().backward()
+mods = next(iter(cache._memory.values()))
+def norm(args, out, lse):  # (triton >= 3.7: the kernel's arguments come as one tuple)
+    names = {id(out): "out", id(lse): "lse"}
+    return [norm(a, out, lse) if type(a) in (tuple, list) else names.get(id(a), a.data_ptr())
+            if isinstance(a, torch.Tensor) else repr(a) for a in args]
+res = dict(ws=bool(taken), gluon="triton.experimental.gluon" in sys.modules,
+           stand_ins={n: "__attnforge_stand_ins__" in vars(m) for n, m in mods.items()},
+           n_launches=len(launches))
+if sys.argv[2] == "compare":  # the same launch through Gluon's own objects and the real module
+    import triton.experimental.gluon.nvidia.hopper  # noqa: F401
+    ws = mods["fwd_ws"]
+    ws._attn_fwd_ws.fn  # executes the module
+    res["materialized"] = "__attnforge_stand_ins__" not in vars(ws)
+    ws._attn_fwd_ws._layouts.clear()  # (so the launch index is read again, by real objects)
+    launch._launch_fwd_ws = real
+    launches.clear()
+    out2, lse2 = af.flex_attention(q, k, v, score_mod=mod, return_lse=True,
+                                   kernel_options={"PERSISTENT": True})  # (a new call plan)
+    res["same_launch"] = norm(fwd, out, lse) == norm(launches[0], out2, lse2)
+    res["real_descriptor"] = type(launch._ws_descriptor(q, 64)).__module__
+print(json.dumps(res))
+"""
+
+
+def _fake_child(env: dict, L: int = 1024, mode: str = "plain") -> dict:
+    proc = subprocess.run([sys.executable, "-c", _FAKE_CHILD, str(L), mode], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def fake_env(tmp_path):
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from attnforge.runtime import loader
+
+    if loader._triton_knobs() is None:
+        pytest.skip("this triton launches differently: no direct launch, no launch index")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNFORGE_", "TRITON_"))}
+    env.update(ATTNFORGE_CACHE_DIR=str(tmp_path / "af"), TRITON_CACHE_DIR=str(tmp_path / "tr"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # fmt: skip
+    return env
+
+
+def test_warm_index_hit_needs_no_kernel_module_and_no_gluon(fake_env, tmp_path):
+    cold = _fake_child(fake_env)
+    assert cold["ws"] and cold["gluon"], cold  # the Gluon forward, compiled ("cold")
+    assert not any(cold["stand_ins"].values()), cold
+    warm = _fake_child(fake_env)
+    assert warm["ws"] and not warm["gluon"], warm
+    assert warm["stand_ins"] == {"fwd": True, "bwd": True, "fwd_ws": True}, warm
+    assert warm["n_launches"] == cold["n_launches"], warm
+    # the stand-ins' launch is the real objects' launch, argument for argument
+    both = _fake_child(fake_env, mode="compare")
+    assert both["materialized"] and both["same_launch"], both
+    assert both["real_descriptor"].startswith("triton.experimental.gluon"), both
+    # a launch the index does not know (another length: another specialisation) runs the real
+    # module (Gluon imported) and Triton's path
+    other = _fake_child(fake_env, L=1000)
+    assert other["ws"] and other["gluon"], other
+    assert not other["stand_ins"]["fwd_ws"] and not other["stand_ins"]["bwd"], other
+    # knob off: the modules run at once
+    off = _fake_child(dict(fake_env, ATTNFORGE_STAND_INS="0"))
+    assert not any(off["stand_ins"].values()) and off["gluon"], off
+    # what is kept must belong to the file: an edited record is not used
+    kept = sorted((tmp_path / "af").rglob("standins.json"))
+    assert len(kept) == 3
+    for path in kept:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps(dict(record, digest="0" * 64)))
+    edited = _fake_child(fake_env)
+    assert not any(edited["stand_ins"].values()) and edited["gluon"], edited
+    again = _fake_child(fake_env)  # (the real modules kept their records again)
+    assert all(again["stand_ins"].values()) and not again["gluon"], again
+
+
+def test_gluon_stand_in_key_text_is_the_real_one(tmp_path, monkeypatch):
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from attnforge.runtime import launch, loader, standins
+
+    monkeypatch.setattr(standins, "_state", {"path": tmp_path / "gluon.json", "identity": "x"})
+    standins._parts.cache_clear()  # (made by an earlier test: kept in another table)
+    x = torch.empty(2, 4, 256, 64, dtype=torch.bfloat16)
+    real = launch._ws_descriptor(x, 64)  # Gluon is imported here: the real objects
+    assert type(real).__module__.startswith("triton.experimental.gluon")
+    block = tuple(real.block_shape)
+    kept = standins._table()["layouts"][standins._layout_key(block, x.dtype)]
+    stand_in = standins._stand_in_class(kept["descriptor"]).__new__(
+        standins._stand_in_class(kept["descriptor"])
+    )
+    stand_in.__dict__.update({**real.__dict__, "layout": standins.LayoutStandIn(
+        kept["layout"], block, x.dtype)})  # fmt: skip
+    for f in (type, loader._desc_key):
+        assert loader._plain(f(stand_in)) == loader._plain(f(real))
+    assert loader._is_gluon_descriptor_type(type(stand_in))
+    back = stand_in.real()
+    assert type(back) is type(real) and back.__dict__ == real.__dict__
+    args, _ = loader._real_args((stand_in, x, 3), {})
+    assert type(args[0]) is type(real) and args[1:] == (x, 3)
+    # a kept text that does not match: the real descriptor all the same, and the facts fixed
+    stale = standins._stand_in_class(kept["descriptor"]).__new__(
+        standins._stand_in_class(kept["descriptor"])
+    )
+    stale.__dict__.update({**real.__dict__, "layout": standins.LayoutStandIn(
+        "wrong", block, x.dtype)})  # fmt: skip
+    assert stale.real().__dict__ == real.__dict__
+    assert standins._table()["layouts"][standins._layout_key(block, x.dtype)] == kept

@@ -314,11 +314,17 @@ def _import_entry(directory: Path, key: str, device_kind: str) -> dict[str, Modu
 
 
 def _import_kernel(path: Path, name: str, key: str, interpret: bool) -> ModuleType:
-    """One kernel module of an entry (``<kind>.py``), with direct launchers on the GPU."""
-    module = loader.load_module(path, name, interpret)
+    """One kernel module of an entry (``<kind>.py``), with direct launchers on the GPU: stand-ins
+    where an earlier process kept them (executed on first need, ``loader.load_stand_ins``)."""
+    if interpret:
+        module = loader.load_module(path, name, interpret)
+    else:  # GPU: direct launches, binaries kept in this entry under bin/<kind>
+        store = BinaryStore(path.parent / _BINARIES / path.stem)
+        module = loader.load_stand_ins(path, name, store)
+        if module is None:
+            module = loader.load_module(path, name, interpret)
+            loader.install_launchers(module, store)
     module.__attnforge_key__ = key
-    if not interpret:  # GPU: direct launches, binaries kept in this entry under bin/<kind>
-        loader.install_launchers(module, BinaryStore(path.parent / _BINARIES / path.stem))
     return module
 
 

@@ -192,6 +192,13 @@ _declare(
     "process launches them without Triton's argument binder; 0 finds them through Triton's path",
 )
 _declare(
+    "ATTNFORGE_STAND_INS",
+    "bool",
+    True,
+    "GPU (with ATTNFORGE_LAUNCH_INDEX): a warm process registers a kernel module by stand-ins and "
+    "executes it (and imports Gluon) only when a launch misses the index; 0 always executes it",
+)
+_declare(
     "ATTNFORGE_FAST_TMA_LAUNCH",
     "bool",
     True,

@@ -18,7 +18,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from ..dsl.ir import Op
-from . import autotune, blockmask, cache, knobs, loader
+from . import autotune, blockmask, cache, knobs, loader, standins
 
 __all__ = [
     "FwdConfig",
@@ -558,7 +558,6 @@ def ws_stages(call: KernelCall, q, k, v) -> int:
         E not in (64, 128)
         or v.shape[-1] != E
         or q.dtype not in (torch.float16, torch.bfloat16)
-        or not q.is_cuda
         or not knobs.get("ATTNFORGE_FWD_WS")
         or not _ws_device(q.device)
         or autotune.active(q)
@@ -582,18 +581,17 @@ def ws_stages(call: KernelCall, q, k, v) -> int:
 @functools.cache
 def _ws_device(device: torch.device) -> bool:
     """sm_90 (wgmma, setmaxnreg), compiled kernels, and a Triton whose Gluon has
-    warp_specialize and the Hopper modules (Triton >= 3.5)."""
+    warp_specialize and the Hopper modules (Triton >= 3.5; kept per Triton build, so a warm
+    process does not import Gluon to know it: ``standins``)."""
     if loader.is_interpreted(loader.device_kind(device)):
         return False
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if _capability(device)[0] != 9:
         return False
-    try:
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(gl, "warp_specialize")
+    return standins.gluon_ws()
+
+
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) -> tuple:
@@ -666,22 +664,15 @@ class _WsPlan:
         return out, lse
 
 
-@functools.lru_cache(maxsize=64)
-def _ws_layout(block: tuple, dtype: torch.dtype):
-    from triton.experimental.gluon import language as gl
-
-    return gl.NVMMASharedLayout.get_default_for(
-        list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    )
-
-
 def _ws_descriptor(t: torch.Tensor, rows: int):
     # a Gluon host descriptor: _descriptor's fields plus the shared layout the kernel's rings
-    # use (ws_stages checked what Gluon's __post_init__ would assert)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    d = _descriptor(t, rows, TensorDescriptor)
-    d.layout = _ws_layout(tuple(d.block_shape), t.dtype)
+    # use (ws_stages checked what Gluon's __post_init__ would assert); stand-ins of both while
+    # Gluon is not imported (standins: a launch-index hit needs only their key text)
+    shape, strides, block = _tma_layout(t.shape, t.stride(), t.element_size(), rows)
+    cls, layout = standins.ws_descriptor_parts(tuple(block), t.dtype)
+    d = cls.__new__(cls)
+    d.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block, padding="zero",
+                      layout=layout)  # fmt: skip
     return d
 
 

@@ -414,11 +414,24 @@ _INDEX_FILE = "index.json"
 def install_launchers(module: ModuleType, store=None) -> list[str]:
     """Wrap the launchable kernels of a *compiled* module in :class:`Launcher` objects (module
     attributes are replaced; nothing happens for interpreted modules or without triton).
-    Returns the wrapped names."""
+    Returns the wrapped names.  With a ``store``, what :func:`load_stand_ins` needs is kept
+    beside the binaries."""
+    path = getattr(module, "__file__", None)
+    digest = _file_digest(path)
+    kernels = _launchable(module)
+    for name, value in kernels.items():
+        setattr(module, name, Launcher(value, store, digest, path))
+    if store is not None and kernels:
+        _keep_stand_ins(store, digest, kernels)
+    return list(kernels)
+
+
+def _launchable(module: ModuleType) -> dict:
+    """The module's kernels a Launcher wraps: its JITFunctions no other one calls."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:  # pragma: no cover
-        return []
+        return {}
     # Gluon kernels too (fwd_ws.py): same binder, same CompiledKernel; matched by name so a
     # module without them never imports Gluon
     jits = {n: v for n, v in vars(module).items()
@@ -426,14 +439,196 @@ def install_launchers(module: ModuleType, store=None) -> list[str]:
     called: set = set()
     for value in jits.values():
         called |= _global_names(value.fn.__code__)
-    path = getattr(module, "__file__", None)
-    digest = _file_digest(path)
-    wrapped = []
-    for name, value in jits.items():
-        if name not in called:
-            setattr(module, name, Launcher(value, store, digest, path))
-            wrapped.append(name)
-    return wrapped
+    return {n: v for n, v in jits.items() if n not in called}
+
+
+# -- stand-ins: a warm start launches indexed binaries without executing the kernel module ------
+# Executing a generated module costs ~35 ms per file on the H100 host (a JITFunction per jit
+# function, each reading its source with inspect), and fwd_ws.py imports Gluon (0.19 s there).  A
+# launch-index hit needs none of it: only each launchable kernel's name and parameters (names,
+# constexpr, defaults) and the file's sha256.  ``install_launchers`` keeps those beside the
+# binaries (``<store>/standins.json``, with the file's sha256 and Triton's build); a later
+# process's ``load_stand_ins`` then registers the module with a :class:`Launcher` per kernel over a
+# :class:`JitStandIn`, and executes the file only when anything else is asked of the module or
+# of a kernel (a miss of the index, Triton's binder, a warm-up compile, the interpreter is never
+# involved: compiled modules only, ``.fn``/``.src``/any attribute): then the real JITFunctions
+# take the stand-ins' places inside the same Launcher objects (``Launcher._attach``).
+
+_STAND_INS = "standins.json"
+
+
+def _param_record(params) -> list | None:
+    out = []
+    for p in params:
+        default = p.default if p.has_default else None
+        if type(default) not in _JSON_SCALARS:
+            return None  # a default JSON would not give back: no stand-in
+        out.append([p.name, bool(p.is_constexpr), bool(p.has_default), default])
+    return out
+
+
+def _stand_ins_record(digest: str, kernels: dict) -> dict | None:
+    build = triton_build()
+    if not digest or build is None:
+        return None
+    record = {"format": 1, "digest": digest, "triton": build, "kernels": {}}
+    for name, jit in kernels.items():
+        params = _param_record(jit.params)
+        if params is None:
+            return None
+        record["kernels"][name] = {"params": params}
+    return record
+
+
+def _keep_stand_ins(store, digest: str, kernels: dict) -> None:
+    try:
+        record = _stand_ins_record(digest, kernels)
+        if record is None:
+            return
+        path = Path(store.root) / _STAND_INS
+        data = json.dumps(record, indent=1, sort_keys=True).encode()
+        try:
+            if path.read_bytes() == data:
+                return
+        except OSError:
+            pass
+        from . import cache
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache._atomic_write(path, data)
+    except Exception as exc:  # noqa: BLE001 - a speed-up only
+        _debug("cannot keep stand-ins for %s: %r", digest[:16], exc)
+
+
+def stand_ins_allowed() -> bool:
+    """A launch may go through the index now (else stand-ins would only be replaced at once)."""
+    return (_direct_enabled() and bool(_knobs.get("ATTNFORGE_LAUNCH_INDEX"))
+            and bool(_knobs.get("ATTNFORGE_STAND_INS")) and _store_allowed())  # fmt: skip
+
+
+def load_stand_ins(path, name: str, store) -> ModuleType | None:
+    """The compiled module of the file at ``path`` as stand-ins (see above), registered as
+    ``name``; None (import it) where nothing is kept for this file and Triton build, or a
+    launch could not use the index."""
+    if store is None or not stand_ins_allowed():
+        return None
+    path = Path(path)
+    try:
+        record = json.loads((Path(store.root) / _STAND_INS).read_text())
+        digest = _file_digest(path)
+        if (record.get("format") != 1 or record.get("digest") != digest or not digest
+                or record.get("triton") != triton_build()):  # fmt: skip
+            return None
+        params = {k: tuple(_Param(*p) for p in v["params"]) for k, v in record["kernels"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    launchers = {}
+    for kernel, ps in params.items():
+        stand_in = JitStandIn(kernel, ps, functools.partial(_materialize, module))
+        launchers[kernel] = Launcher(stand_in, store, digest, path)
+    vars(module).update(launchers)
+    module.__attnforge_stand_ins__ = (spec, launchers)
+
+    def __getattr__(attr: str):  # anything else: the real module
+        return getattr(_materialize(module), attr)
+
+    module.__getattr__ = __getattr__
+    sys.modules[name] = module
+    return module
+
+
+def _materialize(module: ModuleType) -> ModuleType:
+    """Execute a stand-in module's file (once): its real JITFunctions go into the Launchers."""
+    with _LOCK:
+        found = vars(module).get("__attnforge_stand_ins__")
+        if found is None:
+            return module
+        spec, launchers = found
+        path = Path(module.__file__)
+        saved = dict(vars(module))
+        for attr in ("__getattr__", *launchers):
+            vars(module).pop(attr, None)
+        linecache.checkcache(str(path))
+        try:
+            with triton_interpret(False):
+                spec.loader.exec_module(module)
+            _check_jit_kind(module, False, path)
+            real = _launchable(module)
+            for kernel, launcher in launchers.items():
+                jit = real.get(kernel)
+                if jit is None or [p.name for p in jit.params] != list(launcher.jit.arg_names):
+                    raise RuntimeError(f"{path}: kernel {kernel!r} is not what was kept for it")
+        except BaseException:
+            vars(module).clear()
+            vars(module).update(saved)
+            raise
+        for kernel, launcher in launchers.items():
+            launcher._attach(real[kernel])
+            setattr(module, kernel, launcher)
+        del module.__attnforge_stand_ins__
+        return module
+
+
+class _Param:
+    """What a Launcher reads of a kernel parameter (Triton's ``KernelParam``)."""
+
+    __slots__ = ("name", "is_constexpr", "has_default", "default")
+
+    def __init__(self, name, is_constexpr, has_default, default):
+        self.name, self.is_constexpr = name, is_constexpr
+        self.has_default, self.default = has_default, default
+
+
+class JitStandIn:
+    """What a launch-index hit reads of a kernel's JITFunction (name, parameters, no hooks, no
+    globals read at compile time, per-device kernel caches); any other attribute executes the
+    module (``materialize``) and is the real JITFunction's."""
+
+    def __init__(self, name: str, params: tuple, materialize):
+        self.__name__ = name
+        self.params = params
+        self.arg_names = [p.name for p in params]
+        self.pre_run_hooks: list = []
+        self.used_global_vals: dict = {}
+        self.device_caches = _StandInCaches()
+        self._materialize = materialize
+
+    def __getattr__(self, name: str):
+        if name in ("_materialize", "_real_jit"):  # (not set yet: copy/unpickle)
+            raise AttributeError(name)
+        self._materialize()
+        return getattr(self._real_jit, name)  # (set by Launcher._attach)
+
+    def __repr__(self) -> str:
+        return f"JitStandIn({self.__name__})"
+
+
+class _StandInCaches(dict):
+    """``JITFunction.device_caches`` as the launch index reads it: (kernels by Triton's key, -,
+    target, backend, -), without Triton's binder."""
+
+    def __missing__(self, device):
+        from triton.compiler import make_backend
+        from triton.runtime.driver import driver
+
+        target = driver.active.get_current_target()
+        caches = self[device] = ({}, {}, target, make_backend(target), None)
+        return caches
+
+
+def _real_args(args: tuple, kwargs: dict) -> tuple:
+    """``(args, kwargs)`` with Gluon stand-ins (``standins``) replaced by the real objects (the
+    same objects where there are none)."""
+    if any(getattr(type(a), "_stand_in_for", None) for a in args):
+        args = tuple(a.real() if getattr(type(a), "_stand_in_for", None) else a for a in args)
+    if any(getattr(type(a), "_stand_in_for", None) for a in kwargs.values()):
+        kwargs = {k: a.real() if getattr(type(a), "_stand_in_for", None) else a
+                  for k, a in kwargs.items()}  # fmt: skip
+    return args, kwargs
 
 
 def _global_names(code) -> set:
@@ -513,13 +708,16 @@ def _plain(x) -> str:
         return "[" + ",".join(map(_plain, x)) + "]"
     if x is None or t in (int, bool, float, str):
         return f"{t.__name__}:{x!r}"
-    if isinstance(x, type):  # (torch.Tensor's metaclass is not ``type``)
-        return f"type:{x.__module__}.{x.__qualname__}"
+    if isinstance(x, type):  # (torch.Tensor's metaclass is not ``type``); a stand-in class
+        # (``standins``) keys as the class it stands for
+        return "type:" + (getattr(x, "_stand_in_for", None) or f"{x.__module__}.{x.__qualname__}")
     if t is _torch_dtype():
         return repr(x)
     if _is_gluon_layout(t):  # a Gluon descriptor's shared layout: a frozen dataclass, by fields
         fields = ",".join(f"{f.name}={_plain(getattr(x, f.name))}" for f in _fields(x))
         return f"{t.__module__}.{t.__qualname__}({fields})"
+    if getattr(t, "_stand_in_layout", False):  # a Gluon layout's stand-in: its text
+        return x.text
     raise TypeError(f"no exact text for {t.__name__}")
 
 
@@ -580,6 +778,25 @@ class Launcher:
         self._runs: dict = {}  # id(kernel) -> (kernel, what a direct launch calls)
         self._device = self._stream = None
         self._globals = (None, ())  # (jit.used_global_vals checked, ((dict, name, object), ...))
+        # (a stand-in is hooked when the real JITFunction replaces it: _attach)
+        self._hooked = type(jit) is not JitStandIn and _hook_compile(self)
+
+    def _attach(self, real) -> None:
+        """Put the real JITFunction in place of this Launcher's stand-in (see
+        :func:`load_stand_ins`): what the stand-in held (kernels the launch index loaded, pre-run
+        hooks) moves to it."""
+        stand_in = self.jit
+        if type(stand_in) is not JitStandIn:
+            return
+        real.pre_run_hooks.extend(stand_in.pre_run_hooks)
+        for device, caches in stand_in.device_caches.items():
+            kernels = real.device_caches[device][0] if caches[0] else {}
+            for key, kernel in caches[0].items():
+                src = getattr(kernel, "src", None)
+                if getattr(src, "fn", None) is stand_in:
+                    src.fn = real
+                kernels.setdefault(key, kernel)
+        stand_in._real_jit = self.jit = real
         self._hooked = _hook_compile(self)
 
     # -- JITFunction look-alike --
@@ -607,23 +824,29 @@ class Launcher:
                     found = None
                 if found is not None:
                     return found[0][3]
+        args, kwargs = _real_args(args, kwargs)
         return self.jit.warmup(*args, grid=grid, **kwargs)
 
     # -- launch --
 
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
+            args, kwargs = _real_args(args, kwargs)
             return self.jit.run(*args, grid=grid, warmup=True, **kwargs)
         return self._launch(grid, *args, **kwargs)
 
+    def _triton_run(self, grid, args, kwargs):
+        """Triton's own launch (real objects for any stand-in argument: ``standins``)."""
+        args, kwargs = _real_args(args, kwargs)
+        return self.jit.run(*args, grid=grid, warmup=False, **kwargs)
+
     def _launch(self, grid, *args, **kwargs):
         jit = self.jit
-        warmup = False
         if type(grid) is not tuple or jit.pre_run_hooks or not _direct_enabled():
-            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+            return self._triton_run(grid, args, kwargs)
         tk = _knobs_module if _knobs_module is not _MISSING_KNOBS else _triton_knobs()
         if tk is None or not _hooks_empty(tk.runtime):
-            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+            return self._triton_run(grid, args, kwargs)
         try:
             lkey = (tuple(map(type, args)), tuple(kwargs.items()), tk.runtime.debug,
                     tk.compilation.instrumentation_mode)  # fmt: skip
@@ -634,11 +857,11 @@ class Launcher:
             sub = layout.key(device, args)
             entry = layout.kernels.get(sub)
         except TypeError:  # an unhashable argument: Triton's path decides
-            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+            return self._triton_run(grid, args, kwargs)
         if entry is None:
             return self._slow(args, grid, kwargs, lkey, layout, sub)
         if not self._globals_current():  # Triton's path raises the error
-            return jit.run(*args, grid=grid, warmup=warmup, **kwargs)
+            return self._triton_run(grid, args, kwargs)
         launcher, function, packed, kernel = entry
         n = len(grid)
         launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream(device),
@@ -761,6 +984,9 @@ class Launcher:
                          self._stream(device), function, packed, None, None, None, *args,
                          *tail)  # fmt: skip
                 return kernel
+        real_args, real_kwargs = _real_args(args, kwargs)
+        if real_args is not args or real_kwargs is not kwargs:  # stand-ins: keyed as real ones
+            return self._launch(grid, *real_args, **real_kwargs)
         kernel = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
         if layout is _UNSUPPORTED:
             return kernel
@@ -1251,9 +1477,10 @@ def _torch_tensor():
 
 
 def _is_gluon_descriptor_type(t: type) -> bool:
-    # Gluon's host TensorDescriptor (it adds the shared-memory layout, part of _desc_key),
-    # recognised without importing Gluon
-    return t.__name__ == "TensorDescriptor" and t.__module__.startswith("triton.experimental.gluon")
+    # Gluon's host TensorDescriptor (it adds the shared-memory layout, part of _desc_key), or
+    # its stand-in, recognised without importing Gluon
+    name = getattr(t, "_stand_in_for", None) or f"{t.__module__}.{t.__name__}"
+    return name.startswith("triton.experimental.gluon") and name.endswith(".TensorDescriptor")
 
 
 def _tensor_descriptor_type():
@@ -1339,10 +1566,23 @@ def _compile_env() -> str | None:
     """What else Triton's compile cache key hashes, cheaply: triton version and build (the
     installed files' sizes and times instead of ``triton_key()``'s sha256 of them) and the
     compile-affecting environment variables."""
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+    except ImportError:
+        return None
+    build = triton_build()
+    if build is None:
+        return None
+    env = sorted(get_cache_invalidating_env_vars().items())
+    return f"{build}\n{env}"
+
+
+def triton_build() -> str | None:
+    """Triton's version, path and build (sizes and times of libtriton and of the compiler and
+    runtime sources), cheaply; None without triton."""
     global _env_text
     try:
         import triton
-        from triton._C.libtriton import get_cache_invalidating_env_vars
     except ImportError:
         return None
     if _env_text is None:
@@ -1357,8 +1597,7 @@ def _compile_env() -> str | None:
                 st = p.stat()
                 stats.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
         _env_text = f"triton {triton.__version__} {root} {' '.join(stats)}"
-    env = sorted(get_cache_invalidating_env_vars().items())
-    return f"{_env_text}\n{env}"
+    return _env_text
 
 
 _DO_COMPILE_PARAMS = ("key", "signature", "device", "constexprs", "options", "attrs", "warmup")
