@@ -274,9 +274,14 @@ def _alloc_costs(q) -> None:
         buf = torch.empty(n_out + 2 * lse_shape.numel(), dtype=q.dtype, device=dev)
         return buf[:n_out].view(out_shape), buf[n_out:].view(f32).view(lse_shape)
 
+    out_size, lse_size = tuple(out_shape), tuple(lse_shape)
+    out_stride, lse_stride = q.stride(), torch.empty(lse_shape, dtype=f32, device=dev).stride()
     ways = {
         "torch.empty x2": lambda: (torch.empty(out_shape, dtype=q.dtype, device=dev),
                                    torch.empty(lse_shape, dtype=f32, device=dev)),
+        "empty_strided x2 (plans)": lambda: (
+            torch.empty_strided(out_size, out_stride, dtype=q.dtype, device=dev),
+            torch.empty_strided(lse_size, lse_stride, dtype=f32, device=dev)),
         "q.new_empty x2": lambda: (q.new_empty(out_shape), q.new_empty(lse_shape, dtype=f32)),
         "one empty + views": split,
     }  # fmt: skip

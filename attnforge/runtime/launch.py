@@ -456,6 +456,21 @@ def _fwd_head(head: tuple, cfg: FwdConfig) -> tuple:
     return (*head, *(_fwd_descriptors(q, k, v, cfg) if cfg.USE_TMA else (None, None, None)))
 
 
+def _output_layout(out: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """What :func:`_new_outputs` needs to allocate tensors laid out as ``out`` and ``lse``."""
+    return tuple(out.shape), out.stride(), tuple(lse.shape), lse.stride(), out.dtype, out.device
+
+
+def _new_outputs(layout: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ``out`` and ``lse`` with a recorded layout (sizes and strides as the recorded
+    launch's, so its arguments hold).  ``empty_strided`` with tuples: torch.empty parses a
+    ``torch.Size`` through more overloads (CPU: 1.1 vs 2.1 µs each, bench/NOTES.md session 10)."""
+    out_size, out_stride, lse_size, lse_stride, dtype, device = layout
+    empty = torch.empty_strided
+    return (empty(out_size, out_stride, dtype=dtype, device=device),
+            empty(lse_size, lse_stride, dtype=torch.float32, device=device))  # fmt: skip
+
+
 class _FwdPlan:
     """A forward launch as :func:`launch_fwd` made it, for the next call of the same per-call
     plan (``KernelCall.memo``, see ``runtime.api``): that call has the same shapes, strides,
@@ -465,21 +480,19 @@ class _FwdPlan:
     caller takes the full path) where TMA eligibility changed or a new specialisation ran out
     of resources."""
 
-    __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "out_shape",
-                 "lse_shape", "dtype", "device", "planned", "memo")  # fmt: skip
+    __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "outputs",
+                 "planned", "memo")  # fmt: skip
 
     def __init__(self, kernel, requested, cfg, grid, kwargs, args, n_params, out, lse):
         self.kernel, self.requested, self.cfg, self.grid = kernel, requested, cfg, grid
         self.kwargs, self.n_params = kwargs, n_params
         self.rest = args[: len(args) - n_params]
-        self.out_shape, self.lse_shape = out.shape, lse.shape
-        self.dtype, self.device = out.dtype, out.device
+        self.outputs = _output_layout(out, lse)
         self.planned = getattr(kernel, "launch_planned", None)
         self.memo: dict = {}
 
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        out, lse = _new_outputs(self.outputs)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
         # Triton specialises ints and bools, never floats; tensors are keyed by address
         extra = tuple([a for a in params if type(a) is int or type(a) is bool]) if params else ()
@@ -600,7 +613,7 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
         num_warps=4,
     )
     grid = min(n_tiles, _sm_count(q.device)) if persistent else n_tiles
-    plan = _WsPlan(kernel, (grid,), kw, rest, len(params))
+    plan = _WsPlan(kernel, (grid,), kw, rest, len(params), out, lse)
     plan.launch(q, k, v, out, lse, params)
     if call.memo is not None:
         call.memo["fwd"] = plan
@@ -612,11 +625,12 @@ class _WsPlan:
     :class:`_FwdPlan`): only q, k, v, out, lse, their descriptors and the captured values are
     new.  Returns None (full path) where an address lost the 16-byte alignment TMA needs."""
 
-    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params")
+    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params", "outputs")
 
-    def __init__(self, kernel, grid, kwargs, rest, n_params):
+    def __init__(self, kernel, grid, kwargs, rest, n_params, out, lse):
         self.kernel, self.grid, self.kwargs, self.rest = kernel, grid, kwargs, rest
         self.n_params = n_params
+        self.outputs = _output_layout(out, lse)
 
     def launch(self, q, k, v, out, lse, params: tuple) -> None:
         descs = (_ws_descriptor(q, _WS_ROWS), _ws_descriptor(k, _WS_BLOCK_N),
@@ -626,9 +640,7 @@ class _WsPlan:
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return None
-        B, Hq, L, _ = q.shape
-        out = torch.empty((B, Hq, L, v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+        out, lse = _new_outputs(self.outputs)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
         self.launch(q, k, v, out, lse, params)
         return out, lse
