@@ -456,6 +456,9 @@ def _fwd_head(head: tuple, cfg: FwdConfig) -> tuple:
     return (*head, *(_fwd_descriptors(q, k, v, cfg) if cfg.USE_TMA else (None, None, None)))
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _output_layout(out: torch.Tensor, lse: torch.Tensor) -> tuple:
     """What :func:`_new_outputs` needs to allocate tensors laid out as ``out`` and ``lse``."""
     return tuple(out.shape), out.stride(), tuple(lse.shape), lse.stride(), out.dtype, out.device
@@ -1390,6 +1393,8 @@ class _BwdPlan:
         for i in self.uses_tma:  # shapes and strides are the plan's: only alignment can change
             if given[i].data_ptr() & 15:
                 return None
+        # raw launches read fresh tensors' addresses by torch.Tensor's own data_ptr
+        plain = type(d_out) in _PLAIN_TENSORS and type(dl) in _PLAIN_TENSORS
         dev = q.device
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, dq=dq, dk=dk, dv=dv,
@@ -1403,7 +1408,7 @@ class _BwdPlan:
         for step, memo, planned in zip(self.steps, self.memos, self.planned):
             head = tuple([tensors[n] for n in step.head])
             tail = (*params, *step.tail) if step.n_params else step.tail
-            raw = memo.get(loader.RAW_PLANNED) if planned is not None else None
+            raw = memo.get(loader.RAW_PLANNED) if planned is not None and plain else None
             if raw is not None and raw(head, tail, extra):
                 continue
             args = (*_step_args(tensors, step.head, step.descs, step.rest), *tail)
