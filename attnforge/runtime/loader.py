@@ -840,7 +840,7 @@ class Launcher:
 
         active = driver.active
         self._stream = active.get_current_stream
-        self._device = active.get_current_device
+        self._device = _fast_current_device(active.get_current_device)
 
     # -- binaries kept in our cache entry --
 
@@ -1076,6 +1076,41 @@ class Launcher:
         self._indexed_n += 1
         record.update(key=key, store_key=store_key)
         self.store.put(text, {_INDEX_FILE: json.dumps(record).encode()}, {"index": 1}, count=False)
+
+
+# torch.cuda.current_device (Triton's driver's get_current_device) as known: ``_lazy_init()``,
+# whose first line returns at once when is_initialized(), then the C getter
+_CURRENT_DEVICE_SNIPPETS = (
+    ("current_device", "_lazy_init() return torch._C._cuda_getDevice()"),
+    ("is_initialized", "return _initialized and not _is_in_bad_fork()"),
+    ("_lazy_init", 'if is_initialized() or hasattr(_tls, "is_initializing"): return'),
+)
+
+
+def _fast_current_device(get):
+    """``get``, the driver's current-device function; where that is ``torch.cuda.current_device``
+    reading as known, the same answer without its three Python frames once CUDA is initialised
+    (and this process is no bad fork: else ``get`` itself runs, and raises as ever).  Called at
+    every direct launch (~0.2 µs less on the H100 host)."""
+    try:
+        import torch
+
+        cuda = torch.cuda
+        c_get = torch._C._cuda_getDevice
+        if get is not cuda.current_device or not all(
+            _tma._reads_as(getattr(cuda, name), (snippet,))
+            for name, snippet in _CURRENT_DEVICE_SNIPPETS
+        ):
+            return get
+    except (ImportError, AttributeError):
+        return get
+
+    def current_device() -> int:
+        if cuda._initialized and not cuda._is_in_bad_fork():
+            return c_get()
+        return get()
+
+    return current_device
 
 
 _POSITIONS = object()  # launch_planned's memo key for the tensor argument positions
