@@ -126,6 +126,31 @@ def test_lengths_strides_gqa_and_dtypes(full_path_calls):
     assert len(full_path_calls) == 5
 
 
+def test_plan_outputs_are_laid_out_as_the_full_paths(full_path_calls):
+    """A repeat call allocates out/lse from the recorded sizes and strides (``empty_strided``):
+    fresh tensors every call, laid out exactly as the full path's, never shared."""
+    bm = af.create_block_mask(_causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    cases = (
+        dict(B=2, H=3, L=64, S=64, D=16),
+        dict(B=1, H=4, L=1, S=64, D=8, Hkv=2),  # size-1 dims (strides torch.empty picks)
+    )
+    for shape in cases:
+        q, k, v = _qkv(**shape)
+        kw = dict(block_mask=bm if shape["L"] == 64 else None, return_lse=True)
+        kw["enable_gqa"] = "Hkv" in shape
+        first, first_lse = kept = af.flex_attention(q, k, v, **kw)
+        for _ in range(2):
+            out, lse = af.flex_attention(q, k, v, **kw)
+            for new, ref in ((out, first), (lse, first_lse)):
+                assert (new.shape, new.stride(), new.dtype, new.device) == (
+                    ref.shape, ref.stride(), ref.dtype, ref.device)  # fmt: skip
+                assert new.is_contiguous() and new.storage_offset() == 0
+            assert torch.equal(out, first) and torch.equal(lse, first_lse)
+            kept += (out, lse)
+        assert len({t.data_ptr() for t in kept}) == len(kept)  # all alive: never shared
+    assert len(full_path_calls) == len(cases)
+
+
 def test_captured_values_reread_through_the_plan(full_path_calls):
     q, k, v = _qkv()
     bias = torch.randn(2)

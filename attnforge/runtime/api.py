@@ -135,6 +135,7 @@ def flex_attention(
 # the same errors at the user's line as before and makes a new plan.
 
 _PLAN_LIMIT = 64
+_is = operator.is_
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _plans: dict[tuple, _Plan] = {}
 # BlockMask fields a plan depends on, compared by identity at every call (a reassigned field
@@ -194,11 +195,13 @@ class _Plan:
             return None
         if block_mask is not None:
             if self.bm_ref() is not block_mask or not all(
-                map(operator.is_, self.bm_getter(block_mask), self.bm_fields)
+                map(_is, self.bm_getter(block_mask), self.bm_fields)
             ):
                 return None
         bm = block_mask if self.bm is None else self.bm
-        _, score_ir, score_params = current_mod(score_mod, "score")
+        score_ir, score_params = None, ()  # (current_mod's answer for None)
+        if score_mod is not None:
+            _, score_ir, score_params = current_mod(score_mod, "score")
         _, mask_ir, mask_params = current_mod(bm.mask_mod, "mask")
         if score_ir is not self.score_ir or mask_ir is not self.mask_ir:
             return None
