@@ -149,7 +149,7 @@ def _plan_key(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opt
     tensor scale, ``return_aux``; unhashable values: the lookup raises TypeError)."""
     if (type(q) not in _PLAIN_TENSORS or type(k) not in _PLAIN_TENSORS
             or type(v) not in _PLAIN_TENSORS or aux is not None
-            or isinstance(scale, torch.Tensor)):  # fmt: skip
+            or (scale is not None and isinstance(scale, torch.Tensor))):  # fmt: skip
         return None
     try:
         opts = None if options is None else tuple(options.items())

@@ -496,9 +496,11 @@ class _FwdPlan:
 
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
         out, lse = _new_outputs(self.outputs)
-        params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
-        # Triton specialises ints and bools, never floats; tensors are keyed by address
-        extra = tuple([a for a in params if type(a) is int or type(a) is bool]) if params else ()
+        params = extra = ()
+        if self.n_params:
+            params = tuple(_param_args(call.lowered, call.scalars, tensors))
+            # Triton specialises ints and bools, never floats; tensors are keyed by address
+            extra = tuple([a for a in params if type(a) is int or type(a) is bool])
         raw = self.memo.get(loader.RAW_PLANNED) if self.planned is not None else None
         # the raw launch checks the tensors' low address bits against the recorded launch's,
         # which implies the alignment check below (TMA as recorded)
