@@ -1400,7 +1400,7 @@ class _BwdPlan:
         dev = q.device
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, dq=dq, dk=dk, dv=dv,
-                       delta=torch.empty(lse.shape, dtype=torch.float32, device=dev),
+                       delta=torch.empty_like(lse),  # (lse: ours, fp32, contiguous)
                        dq_acc=_dq_buffer(q, dev) if self.dq_acc else q)  # fmt: skip
         params = ()
         if self.steps[-1].n_params:
