@@ -132,6 +132,16 @@ def test_raw_launch_steps_aside(gpu, monkeypatch):
     bm.kv_indices.set_(bm.kv_indices.clone())
     _check(gpu, monkeypatch, call, raw=False, times=1)
     _check(gpu, monkeypatch, call, raw=True)
+    # moved within its alignment class (as CUDA's 512-byte allocations always are): the same
+    # launch key, so the raw launch kept for it must be made anew, not kept failing
+    old = bm.kv_indices
+    buf = torch.empty(old.numel() + 64, dtype=old.dtype)
+    skip = ((old.data_ptr() - buf.data_ptr()) % 128) // old.element_size()
+    same = buf[skip : skip + old.numel()].view(old.shape).copy_(old)
+    assert same.data_ptr() & 127 == old.data_ptr() & 127 and same.data_ptr() != old.data_ptr()
+    old.set_(same)
+    _check(gpu, monkeypatch, call, raw=False, times=1)
+    _check(gpu, monkeypatch, call, raw=True)
     monkeypatch.setattr(loader, "_knobs_module", None)  # unknown launch convention
     _check(gpu, monkeypatch, call, raw=False)
 

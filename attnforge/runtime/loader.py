@@ -1136,6 +1136,8 @@ class _RawPlans:
 
     def add(self, launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos) -> None:
         raw = self.tried.get(key)
+        if raw and raw.fixed_ptrs != [ptrs[pos.index(i)] for i in raw.fixed_at]:
+            raw = None  # a fixed tensor moved (set_) within its alignment class: made anew
         if raw is None:
             try:
                 raw = _RawPlanned.make(launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos)
@@ -1181,7 +1183,7 @@ class _RawPlanned:
 
     __slots__ = ("launcher", "jit", "key", "c_launch", "template", "fresh_at", "fresh_end",
                  "descs", "tail_at", "tail_tensor", "fixed", "fixed_ptrs", "low", "has_descs",
-                 "device", "debug", "instrumentation", "data_ptr")  # fmt: skip
+                 "device", "debug", "instrumentation", "data_ptr", "fixed_at")  # fmt: skip
 
     @classmethod
     def make(cls, launcher, grid, args, entry, key, fresh, n_tail, ptrs, pos):
@@ -1200,7 +1202,7 @@ class _RawPlanned:
                     coop, pdl, None, None, packed, None, None, None]  # fmt: skip
         self = cls()
         self.fresh_at, self.fresh_end = len(template), len(template) + fresh
-        self.descs, self.fixed, self.fixed_ptrs = [], [], []
+        self.descs, self.fixed, self.fixed_ptrs, self.fixed_at = [], [], [], []
         self.tail_at = None
         for i, a in enumerate(args):
             at = len(template)
@@ -1229,6 +1231,7 @@ class _RawPlanned:
             elif isinstance(a, tensor_type):
                 self.fixed.append(a)
                 self.fixed_ptrs.append(address[i])
+                self.fixed_at.append(i)
                 template.append(address[i])
             elif a is None or type(a) in (int, bool, float, str):
                 template.append(a)
