@@ -238,6 +238,10 @@ def gpu_overhead(args) -> None:
             fresh.append([af.flex_attention(*t, block_mask=bm).clone() for t in pool * 3])
         print(f"new tensors every call, bit-identical to Triton's launch path: "
               f"{all(map(torch.equal, *fresh))}", flush=True)  # fmt: skip
+        # the call stores no lse (LSE=None: its own specialisation): the same out as with lse
+        with_lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)[0]
+        print(f"out without lse (LSE=None) bit-identical to the kernel storing lse: "
+              f"{torch.equal(fn(), with_lse)}", flush=True)  # fmt: skip
         _alloc_costs(q)
         # CPU time per call: bursts short enough that the launch queue never fills
         for setting in settings:
@@ -274,9 +278,14 @@ def _alloc_costs(q) -> None:
         buf = torch.empty(n_out + 2 * lse_shape.numel(), dtype=q.dtype, device=dev)
         return buf[:n_out].view(out_shape), buf[n_out:].view(f32).view(lse_shape)
 
+    out_size, lse_size = tuple(out_shape), tuple(lse_shape)
+    out_stride, lse_stride = q.stride(), torch.empty(lse_shape, dtype=f32, device=dev).stride()
     ways = {
         "torch.empty x2": lambda: (torch.empty(out_shape, dtype=q.dtype, device=dev),
                                    torch.empty(lse_shape, dtype=f32, device=dev)),
+        "empty_strided x2 (plans)": lambda: (
+            torch.empty_strided(out_size, out_stride, dtype=q.dtype, device=dev),
+            torch.empty_strided(lse_size, lse_stride, dtype=f32, device=dev)),
         "q.new_empty x2": lambda: (q.new_empty(out_shape), q.new_empty(lse_shape, dtype=f32)),
         "one empty + views": split,
     }  # fmt: skip
@@ -343,8 +352,9 @@ def _fwd_launch_kind() -> str:
 
     raw = 0
     for plan in api._plans.values():
-        raws = getattr(plan.memo.get("fwd"), "memo", {}).get(loader.RAW_PLANNED)
-        raw += len(getattr(raws, "by", ()))
+        fwd = plan.memo.get("fwd")
+        for memo in (getattr(fwd, "memo", {}), getattr(fwd, "memo_out", {})):  # with/without lse
+            raw += len(getattr(memo.get(loader.RAW_PLANNED), "by", ()))
     for mods in cache._memory.values():
         launcher = getattr(mods.get("fwd"), "_attn_fwd", None)
         runs = getattr(launcher, "_runs", None)

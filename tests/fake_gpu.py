@@ -20,14 +20,15 @@ from attnforge.runtime import cache
 def install(patch=setattr, aligned: bool = False, store: bool = False, ws: bool = False) -> list:
     """Make CPU tensors take the GPU path; returns the list the fake C launcher appends its
     arguments to.  ``patch(obj, name, value)`` makes every change (``monkeypatch.setattr`` in
-    tests, so they are undone).  ``aligned``: ``torch.empty`` (and ``empty_like``, ``zeros``)
-    returns 128-byte aligned tensors, as CUDA's caching allocator does (CPU allocations are
-    64-byte aligned, so out/lse of successive calls fall into two classes of low address bits,
-    each its own launch key).  ``store``: kernels keep their (fake) binaries in the cache entry
-    and the launch index as on a GPU, so a new process launches them without Triton's binder
-    (``triton.compiler.CompiledKernel`` becomes a fake whose binary is the descriptor
-    metadata).  ``ws``: an sm_90 whose Triton has Gluon, so bf16/fp16 forwards that qualify take
-    the warp-specialised kernel (``fwd_ws.py``: Gluon descriptors)."""
+    tests, so they are undone).  ``aligned``: ``torch.empty`` (and ``empty_like``,
+    ``empty_strided`` of dense strides, ``zeros``) returns 128-byte aligned tensors, as CUDA's
+    caching allocator does (CPU allocations are 64-byte aligned, so out/lse of successive calls
+    fall into two classes of low address bits, each its own launch key).  ``store``: kernels
+    keep their (fake) binaries in the cache entry and the launch index as on a GPU, so a new
+    process launches them without Triton's binder (``triton.compiler.CompiledKernel`` becomes a
+    fake whose binary is the descriptor metadata).  ``ws``: an sm_90 whose Triton has Gluon, so
+    bf16/fp16 forwards that qualify take the warp-specialised kernel (``fwd_ws.py``: Gluon
+    descriptors)."""
     if aligned:
         empty = torch.empty
 
@@ -37,12 +38,18 @@ def install(patch=setattr, aligned: bool = False, store: bool = False, ws: bool 
             skip = (-t.data_ptr() % 128) // t.element_size()
             return t[skip : skip + shape.numel()].view(shape)
 
-        empty_like, zeros = torch.empty_like, torch.zeros
+        empty_like, empty_strided, zeros = torch.empty_like, torch.empty_strided, torch.zeros
 
         def aligned_empty_like(t, dtype=None, **kw):
             if kw or not t.is_contiguous():
                 return empty_like(t, dtype=dtype, **kw)
             return aligned_empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+        def aligned_empty_strided(size, stride, dtype=None, device=None, **kw):
+            t = empty_strided(size, stride, dtype=dtype, device=device, **kw)
+            if kw or not t.is_contiguous():
+                return t
+            return aligned_empty(size, dtype=dtype, device=device).as_strided(size, stride)
 
         def aligned_zeros(*size, **kw):
             return aligned_empty(*size, **kw).zero_() if set(kw) <= {"dtype", "device"} else (
@@ -50,6 +57,7 @@ def install(patch=setattr, aligned: bool = False, store: bool = False, ws: bool 
 
         patch(torch, "empty", aligned_empty)
         patch(torch, "empty_like", aligned_empty_like)
+        patch(torch, "empty_strided", aligned_empty_strided)
         patch(torch, "zeros", aligned_zeros)
     import triton
     import triton.backends.nvidia.driver as nv

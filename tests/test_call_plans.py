@@ -126,6 +126,65 @@ def test_lengths_strides_gqa_and_dtypes(full_path_calls):
     assert len(full_path_calls) == 5
 
 
+def test_plan_outputs_are_laid_out_as_the_full_paths(full_path_calls):
+    """A repeat call allocates out/lse from the recorded sizes and strides (``empty_strided``):
+    fresh tensors every call, laid out exactly as the full path's, never shared."""
+    bm = af.create_block_mask(_causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    cases = (
+        dict(B=2, H=3, L=64, S=64, D=16),
+        dict(B=1, H=4, L=1, S=64, D=8, Hkv=2),  # size-1 dims (strides torch.empty picks)
+    )
+    for shape in cases:
+        q, k, v = _qkv(**shape)
+        kw = dict(block_mask=bm if shape["L"] == 64 else None, return_lse=True)
+        kw["enable_gqa"] = "Hkv" in shape
+        first, first_lse = kept = af.flex_attention(q, k, v, **kw)
+        for _ in range(2):
+            out, lse = af.flex_attention(q, k, v, **kw)
+            for new, ref in ((out, first), (lse, first_lse)):
+                assert (new.shape, new.stride(), new.dtype, new.device) == (
+                    ref.shape, ref.stride(), ref.dtype, ref.device)  # fmt: skip
+                assert new.is_contiguous() and new.storage_offset() == 0
+            assert torch.equal(out, first) and torch.equal(lse, first_lse)
+            kept += (out, lse)
+        assert len({t.data_ptr() for t in kept}) == len(kept)  # all alive: never shared
+    assert len(full_path_calls) == len(cases)
+
+
+def test_no_lse_stored_where_none_is_wanted(full_path_calls, monkeypatch):
+    """A repeat call without grad that returns no lse allocates none and launches the kernel
+    with LSE=None (which stores none): the same out, bit for bit; with grad or return_lse, the
+    lse is made as before."""
+    from attnforge.runtime import launch
+
+    made = []
+    new_outputs = launch._new_outputs
+
+    def spy(layout, want_lse=True):
+        made.append(want_lse)
+        return new_outputs(layout, want_lse)
+
+    monkeypatch.setattr(launch, "_new_outputs", spy)
+    bm = af.create_block_mask(_causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    q, k, v = _qkv()
+    ref, ref_lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    for _ in range(3):
+        assert torch.equal(af.flex_attention(q, k, v, block_mask=bm), ref)
+    assert made == [False, False]  # (the first call of that key took the full path)
+    out, lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and made[-1] is True
+    q.requires_grad_()
+    for _ in range(2):
+        out = af.flex_attention(q, k, v, block_mask=bm)
+        (g,) = torch.autograd.grad(out.sum(), q)
+        assert torch.equal(out.detach(), ref) and made[-1] is True
+    q64 = q.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference_attention(q64, k.double(), v.double(), block_mask=bm)
+                                 .sum(), q64)  # fmt: skip
+    torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-3)
+    assert len(full_path_calls) == 2  # (grad mode is not in the key: one plan, both ways)
+
+
 def test_captured_values_reread_through_the_plan(full_path_calls):
     q, k, v = _qkv()
     bias = torch.randn(2)
@@ -333,3 +392,21 @@ def test_gpu_backward_plan_replays(options, D):
             err = (a.double() - b).abs().max().item()
             assert err <= 6e-2 * (1 + b.abs().max().item()), (step, err)
         slope, bias = slope + 0.25, bias.flip(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("masked", [True, False])
+def test_gpu_no_lse_call_gives_the_same_out(D, masked):
+    # no grad, no lse returned: the kernel's LSE=None specialisation (raw launches after the
+    # first repeats), new inputs every call, bit-equal to the kernel that stores lse
+    api._plans.clear()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bm = af.create_block_mask(_causal, None, None, 256, 256, device="cuda") if masked else None
+    with torch.no_grad():
+        for _ in range(6):
+            q, k, v = (torch.randn(2, 3, 256, D, device="cuda", generator=g, dtype=torch.bfloat16)
+                       for _ in range(3))  # fmt: skip
+            out = af.flex_attention(q, k, v, block_mask=bm)
+            ref, lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+            assert torch.equal(out, ref) and torch.isfinite(lse).all()

@@ -406,3 +406,37 @@ def test_planned_launch_passes_addresses_and_follows_specialisation(tmp_path, mo
     assert planned(_args(x, y))[0] == "triton"
     monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "1")
     assert planned(_args(x, y))[:2] == ("direct", first[1])
+
+
+def test_fast_current_device_answers_as_torch_cuda_current_device(monkeypatch):
+    """``loader._fast_current_device`` skips torch.cuda.current_device's Python frames only while
+    CUDA is initialised and this is no bad fork; otherwise torch's own function runs (and raises
+    as it would).  Faked here on any build: a C getter, the initialised flag, the fork check."""
+    cuda = torch.cuda
+    current = [3]
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current[0], raising=False)
+    monkeypatch.setattr(cuda, "_initialized", True)
+    bad_fork = [False]
+    monkeypatch.setattr(cuda, "_is_in_bad_fork", lambda: bad_fork[0])
+    fast = loader._fast_current_device(cuda.current_device)
+    assert fast is not cuda.current_device  # torch's source reads as known
+    for device in (3, 0, 5):
+        current[0] = device
+        assert fast() == cuda.current_device() == device
+    monkeypatch.setattr(cuda, "_initialized", False)
+    calls = []
+    monkeypatch.setattr(cuda, "_lazy_init", lambda: calls.append("init"))
+    # a _lazy_init that does not read as known: no fast path made
+    assert loader._fast_current_device(cuda.current_device) is cuda.current_device
+    # not initialised: torch's own function (its _lazy_init) answers
+    assert fast() == 5 and calls == ["init"]
+    monkeypatch.setattr(cuda, "_initialized", True)
+    bad_fork[0] = True
+    assert fast() == 5 and calls == ["init", "init"]
+    bad_fork[0] = False
+    assert fast() == 5 and calls == ["init", "init"]
+
+    def other():
+        return 0
+
+    assert loader._fast_current_device(other) is other  # another driver's function: itself

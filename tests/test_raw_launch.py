@@ -64,23 +64,30 @@ def _warm(call) -> None:
             call()
 
 
+def _outputs(call) -> tuple:
+    """``call()``'s out and lse (None: a call that returns no lse, whose kernel gets none)."""
+    with torch.no_grad():
+        done = call()
+    return done if isinstance(done, tuple) else (done, None)
+
+
 def _check(gpu, monkeypatch, call, *, raw: bool, times: int = 4):
-    """Run ``call`` (returns out, lse) ``times`` times, each the default way and then through
-    Triton's launch path: the C launcher must get the same arguments (out/lse: the ones each
-    returned).  ``raw``: some default call (True) or none (False) was a raw launch."""
+    """Run ``call`` (returns out, lse; or out) ``times`` times, each the default way and then
+    through Triton's launch path: the C launcher must get the same arguments (out/lse: the ones
+    each returned, or None).  ``raw``: some default call (True) or none (False) was a raw
+    launch."""
     launches, raws = gpu
     raws.clear()
     for _ in range(times):
-        with torch.no_grad():
-            out, lse = call()
+        out, lse = _outputs(call)
         got = _plain(launches[-1])
-        assert got[_OUT] == out.data_ptr() and got[_LSE] == lse.data_ptr()
+        assert got[_OUT] == out.data_ptr() and got[_LSE] == (lse if lse is None else lse.data_ptr())
         monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
-        with torch.no_grad():
-            out, lse = call()
+        out, lse = _outputs(call)
         monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
         want = _plain(launches[-1])
-        assert want[_OUT] == out.data_ptr() and want[_LSE] == lse.data_ptr()
+        assert want[_OUT] == out.data_ptr() and want[_LSE] == (
+            lse if lse is None else lse.data_ptr())  # fmt: skip
         got[_OUT], got[_LSE], want[_OUT], want[_LSE] = 0, 0, 0, 0
         assert got == want
     assert (True in raws) == raw, raws
@@ -107,6 +114,31 @@ def test_raw_launch_passes_what_tritons_launch_passes(gpu, monkeypatch):
     _check(gpu, monkeypatch, call(q, k, v), raw=True)
 
 
+def test_raw_launch_without_lse(gpu, monkeypatch):
+    # no grad, lse not returned: the kernel gets LSE=None (its own specialisation, its own
+    # launch_planned memo and raw launch), passing what Triton's launch path passes
+    launches, _ = gpu
+    bm = af.create_block_mask(_causal, None, None, 128, 128, device="cpu")
+
+    def call(q, k, v, **kw):
+        return lambda: af.flex_attention(q, k, v, block_mask=bm, **kw)
+
+    q, k, v = _qkv()
+    _warm(call(q, k, v))
+    _check(gpu, monkeypatch, call(q, k, v), raw=True)
+    for seed in (1, 2):
+        _check(gpu, monkeypatch, call(*_qkv(seed)), raw=True)
+    # the same plan with grad needs lse (kept for the backward); return_lse=True: another plan
+    q.requires_grad_()
+    for _ in range(2):
+        af.flex_attention(q, k, v, block_mask=bm)
+        assert isinstance(_plain(launches[-1])[_LSE], int)
+    q.requires_grad_(False)
+    _warm(call(q, k, v, return_lse=True))
+    _check(gpu, monkeypatch, call(q, k, v, return_lse=True), raw=True)
+    _check(gpu, monkeypatch, call(q, k, v), raw=True)
+
+
 def test_raw_launch_steps_aside(gpu, monkeypatch):
     from triton import knobs
 
@@ -130,6 +162,16 @@ def test_raw_launch_steps_aside(gpu, monkeypatch):
         knobs.runtime.launch_enter_hook.remove(hook)
     # a block list's storage moved under the same tensor object (its address is in the template)
     bm.kv_indices.set_(bm.kv_indices.clone())
+    _check(gpu, monkeypatch, call, raw=False, times=1)
+    _check(gpu, monkeypatch, call, raw=True)
+    # moved within its alignment class (as CUDA's 512-byte allocations always are): the same
+    # launch key, so the raw launch kept for it must be made anew, not kept failing
+    old = bm.kv_indices
+    buf = torch.empty(old.numel() + 64, dtype=old.dtype)
+    skip = ((old.data_ptr() - buf.data_ptr()) % 128) // old.element_size()
+    same = buf[skip : skip + old.numel()].view(old.shape).copy_(old)
+    assert same.data_ptr() & 127 == old.data_ptr() & 127 and same.data_ptr() != old.data_ptr()
+    old.set_(same)
     _check(gpu, monkeypatch, call, raw=False, times=1)
     _check(gpu, monkeypatch, call, raw=True)
     monkeypatch.setattr(loader, "_knobs_module", None)  # unknown launch convention

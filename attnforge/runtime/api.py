@@ -135,6 +135,7 @@ def flex_attention(
 # the same errors at the user's line as before and makes a new plan.
 
 _PLAN_LIMIT = 64
+_is = operator.is_
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _plans: dict[tuple, _Plan] = {}
 # BlockMask fields a plan depends on, compared by identity at every call (a reassigned field
@@ -148,7 +149,7 @@ def _plan_key(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opt
     tensor scale, ``return_aux``; unhashable values: the lookup raises TypeError)."""
     if (type(q) not in _PLAIN_TENSORS or type(k) not in _PLAIN_TENSORS
             or type(v) not in _PLAIN_TENSORS or aux is not None
-            or isinstance(scale, torch.Tensor)):  # fmt: skip
+            or (scale is not None and isinstance(scale, torch.Tensor))):  # fmt: skip
         return None
     try:
         opts = None if options is None else tuple(options.items())
@@ -194,11 +195,13 @@ class _Plan:
             return None
         if block_mask is not None:
             if self.bm_ref() is not block_mask or not all(
-                map(operator.is_, self.bm_getter(block_mask), self.bm_fields)
+                map(_is, self.bm_getter(block_mask), self.bm_fields)
             ):
                 return None
         bm = block_mask if self.bm is None else self.bm
-        _, score_ir, score_params = current_mod(score_mod, "score")
+        score_ir, score_params = None, ()  # (current_mod's answer for None)
+        if score_mod is not None:
+            _, score_ir, score_params = current_mod(score_mod, "score")
         _, mask_ir, mask_params = current_mod(bm.mask_mod, "mask")
         if score_ir is not self.score_ir or mask_ir is not self.mask_ir:
             return None
@@ -220,7 +223,8 @@ class _Plan:
         # (it reads neither the block mask nor anything else of ``call`` a repeat call changes)
         fwd = self.memo.get("fwd")
         if fwd is not None and not needs_grad(q, k, v, tensors):
-            done = fwd(call, q, k, v, tensors)
+            # no gradient: lse is needed only where it is returned (else the kernel stores none)
+            done = fwd(call, q, k, v, tensors, call.return_lse)
             if done is not None:
                 return done if call.return_lse else done[0]
         out, lse = attention(call.copy_with(block_mask=bm), q, k, v, tensors)

@@ -487,6 +487,27 @@ def _fwd_head(head: tuple, cfg: FwdConfig) -> tuple:
     return (*head, *(_fwd_descriptors(q, k, v, cfg) if cfg.USE_TMA else (None, None, None)))
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _output_layout(out: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """What :func:`_new_outputs` needs to allocate tensors laid out as ``out`` and ``lse``."""
+    return tuple(out.shape), out.stride(), tuple(lse.shape), lse.stride(), out.dtype, out.device
+
+
+def _new_outputs(layout: tuple, want_lse: bool = True) -> tuple:
+    """Fresh ``out`` and ``lse`` (None unless ``want_lse``) with a recorded layout (sizes and
+    strides as the recorded launch's, so its arguments hold).  ``empty_strided`` with tuples:
+    torch.empty parses a ``torch.Size`` through more overloads (CPU: 1.1 vs 2.1 µs each,
+    bench/NOTES.md session 10)."""
+    out_size, out_stride, lse_size, lse_stride, dtype, device = layout
+    empty = torch.empty_strided
+    out = empty(out_size, out_stride, dtype=dtype, device=device)
+    if not want_lse:
+        return out, None
+    return out, empty(lse_size, lse_stride, dtype=torch.float32, device=device)
+
+
 class _FwdPlan:
     """A forward launch as :func:`launch_fwd` made it, for the next call of the same per-call
     plan (``KernelCall.memo``, see ``runtime.api``): that call has the same shapes, strides,
@@ -494,30 +515,35 @@ class _FwdPlan:
     descriptors and the captured values are rebuilt, and the kernel is launched through
     ``Launcher.launch_planned`` (GPU) or ``kernel[grid]`` (interpreter).  Returns None (the
     caller takes the full path) where TMA eligibility changed or a new specialisation ran out
-    of resources."""
+    of resources.  ``want_lse=False`` (a call without grad that does not return lse): no lse is
+    allocated, the kernel gets ``LSE=None`` (its own specialisation, which stores none) and the
+    result is ``(out, None)``."""
 
-    __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "out_shape",
-                 "lse_shape", "dtype", "device", "planned", "memo")  # fmt: skip
+    __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "outputs",
+                 "planned", "memo", "memo_out")  # fmt: skip
 
     def __init__(self, kernel, requested, cfg, grid, kwargs, args, n_params, out, lse):
         self.kernel, self.requested, self.cfg, self.grid = kernel, requested, cfg, grid
         self.kwargs, self.n_params = kwargs, n_params
         self.rest = args[: len(args) - n_params]
-        self.out_shape, self.lse_shape = out.shape, lse.shape
-        self.dtype, self.device = out.dtype, out.device
+        self.outputs = _output_layout(out, lse)
         self.planned = getattr(kernel, "launch_planned", None)
-        self.memo: dict = {}
+        self.memo: dict = {}  # launch_planned's, for (q, k, v, out, lse)
+        self.memo_out: dict = {}  # and for (q, k, v, out, None): another argument layout
 
-    def __call__(self, call: KernelCall, q, k, v, tensors: list):
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
-        params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
-        # Triton specialises ints and bools, never floats; tensors are keyed by address
-        extra = tuple([a for a in params if type(a) is int or type(a) is bool]) if params else ()
-        raw = self.memo.get(loader.RAW_PLANNED) if self.planned is not None else None
+    def __call__(self, call: KernelCall, q, k, v, tensors: list, want_lse: bool = True):
+        out, lse = _new_outputs(self.outputs, want_lse)
+        params = extra = ()
+        if self.n_params:
+            params = tuple(_param_args(call.lowered, call.scalars, tensors))
+            # Triton specialises ints and bools, never floats; tensors are keyed by address
+            extra = tuple([a for a in params if type(a) is int or type(a) is bool])
+        memo = self.memo if want_lse else self.memo_out
+        raw = memo.get(loader.RAW_PLANNED) if self.planned is not None else None
         # the raw launch checks the tensors' low address bits against the recorded launch's,
         # which implies the alignment check below (TMA as recorded)
-        if raw is not None and raw((q, k, v, out, lse), params, extra):
+        if raw is not None and raw((q, k, v, out, lse) if want_lse else (q, k, v, out), params,
+                                   extra):  # fmt: skip
             return out, lse
         if call.config.USE_TMA:
             # shapes and strides are the plan's: only the addresses' alignment can change what
@@ -533,7 +559,8 @@ class _FwdPlan:
                 self.kernel[self.grid](*args, **self.kwargs)
             else:
                 # q, k, v, out, lse and their descriptors change, and the captured values
-                self.planned(self.grid, args, self.kwargs, self.memo, extra, 5, len(params))
+                fresh = 5 if want_lse else 4
+                self.planned(self.grid, args, self.kwargs, memo, extra, fresh, len(params))
         except OutOfResources:  # a new specialisation of a captured value: shrink on full path
             call.memo.pop("fwd", None)
             return None
@@ -630,7 +657,7 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
         num_warps=4,
     )
     grid = min(n_tiles, _sm_count(q.device)) if persistent else n_tiles
-    plan = _WsPlan(kernel, (grid,), kw, rest, len(params))
+    plan = _WsPlan(kernel, (grid,), kw, rest, len(params), out, lse)
     plan.launch(q, k, v, out, lse, params)
     if call.memo is not None:
         call.memo["fwd"] = plan
@@ -642,23 +669,22 @@ class _WsPlan:
     :class:`_FwdPlan`): only q, k, v, out, lse, their descriptors and the captured values are
     new.  Returns None (full path) where an address lost the 16-byte alignment TMA needs."""
 
-    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params")
+    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params", "outputs")
 
-    def __init__(self, kernel, grid, kwargs, rest, n_params):
+    def __init__(self, kernel, grid, kwargs, rest, n_params, out, lse):
         self.kernel, self.grid, self.kwargs, self.rest = kernel, grid, kwargs, rest
         self.n_params = n_params
+        self.outputs = _output_layout(out, lse)
 
     def launch(self, q, k, v, out, lse, params: tuple) -> None:
         descs = (_ws_descriptor(q, _WS_ROWS), _ws_descriptor(k, _WS_BLOCK_N),
                  _ws_descriptor(v, _WS_BLOCK_N))  # fmt: skip
         self.kernel[self.grid](*descs, out, lse, *self.rest, *params, **self.kwargs)
 
-    def __call__(self, call: KernelCall, q, k, v, tensors: list):
+    def __call__(self, call: KernelCall, q, k, v, tensors: list, want_lse: bool = True):
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
-            return None
-        B, Hq, L, _ = q.shape
-        out = torch.empty((B, Hq, L, v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+            return None  # (the Gluon kernel always stores lse: want_lse is not used)
+        out, lse = _new_outputs(self.outputs)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
         self.launch(q, k, v, out, lse, params)
         return out, lse
@@ -1416,10 +1442,12 @@ class _BwdPlan:
         for step in self.fine:  # a changed captured value: new finer lists, on the full path
             if blockmask.refined(bm, _DKDV_FINE) is not step.fine:
                 return None
+        # raw launches read fresh tensors' addresses by torch.Tensor's own data_ptr
+        plain = type(d_out) in _PLAIN_TENSORS and type(dl) in _PLAIN_TENSORS
         dev = q.device
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, dq=dq, dk=dk, dv=dv,
-                       delta=torch.empty(lse.shape, dtype=torch.float32, device=dev),
+                       delta=torch.empty_like(lse),  # (lse: ours, fp32, contiguous)
                        dq_acc=_dq_buffer(q, dev) if self.dq_acc else q)  # fmt: skip
         params = ()
         if self.steps[-1].n_params:
@@ -1429,7 +1457,7 @@ class _BwdPlan:
         for step, memo, planned in zip(self.steps, self.memos, self.planned):
             head = tuple([tensors[n] for n in step.head])
             tail = (*params, *step.tail) if step.n_params else step.tail
-            raw = memo.get(loader.RAW_PLANNED) if planned is not None else None
+            raw = memo.get(loader.RAW_PLANNED) if planned is not None and plain else None
             if raw is not None and raw(head, tail, extra):
                 continue
             args = (*_step_args(tensors, step.head, step.descs, step.rest), *tail)
