@@ -79,6 +79,10 @@ _AOT = _SCRIPT.replace("{", "{{").replace("}", "}}")  # run_sm90_build fills {te
 
 def test_ws_forward_builds_for_sm90(tmp_path):
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from attnforge.runtime import standins
+
+    if not standins._import_ws():
+        pytest.skip("this Triton's Gluon lacks the API fwd_ws.py uses (Triton 3.5-3.6)")
     lines = run_sm90_build(_AOT, tmp_path, timeout=900).split()
     # six variants, each 8 warps (two warpgroup partitions) under 227 KB of shared memory, and
     # ptxas keeps the wgmmas asynchronous (no C7512/C7514 serialisation)

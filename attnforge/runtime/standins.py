@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import sys
 import threading
@@ -137,11 +138,21 @@ def gluon_ws() -> bool:
 def _import_ws() -> bool:
     try:
         from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+        from triton.experimental.gluon.language.nvidia import hopper
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
-    return hasattr(gl, "warp_specialize")
+    # the calls fwd_ws.py.tmpl makes (Triton 3.5-3.6): Triton 3.9 keeps the TMA copy's name
+    # only as a stub that raises ("call async_load instead"), so its parameters are checked
+    names = ("fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_init",
+             "warpgroup_mma_wait")  # fmt: skip
+    if not hasattr(gl, "warp_specialize") or not all(hasattr(hopper, n) for n in names):
+        return False
+    copy = getattr(hopper.tma, "async_copy_global_to_shared", None)
+    try:
+        return copy is not None and "tensor_desc" in inspect.signature(copy).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # -- descriptors --
