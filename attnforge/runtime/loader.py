@@ -102,6 +102,8 @@ def load_module(path: str | os.PathLike, name: str, interpret: bool) -> ModuleTy
     previous = sys.modules.get(name, _MISSING)
     sys.modules[name] = module
     try:
+        if not interpret and path.name in _GLUON_FILES:
+            import_gluon()  # before the file's own Gluon imports (one thread at a time)
         with triton_interpret(interpret):
             spec.loader.exec_module(module)
         _check_jit_kind(module, interpret, path)
@@ -554,6 +556,8 @@ def _materialize(module: ModuleType) -> ModuleType:
             vars(module).pop(attr, None)
         linecache.checkcache(str(path))
         try:
+            if path.name in _GLUON_FILES:
+                import_gluon()
             with triton_interpret(False):
                 spec.loader.exec_module(module)
             _check_jit_kind(module, False, path)
@@ -620,9 +624,55 @@ class _StandInCaches(dict):
         return caches
 
 
+# Gluon's modules, imported by one thread at a time (import_gluon)
+_GLUON_MODULES = (
+    "triton.experimental.gluon",
+    "triton.experimental.gluon.language",
+    "triton.experimental.gluon.language._layouts",
+    "triton.experimental.gluon.language._semantic",
+    "triton.experimental.gluon.language.nvidia.hopper",
+    "triton.experimental.gluon.language.nvidia.hopper.tma",
+    "triton.experimental.gluon.language.amd.gfx1250.tdm",
+    "triton.experimental.gluon.nvidia.hopper",
+    "triton.experimental.gluon._runtime",
+)
+_GLUON_FILES = ("fwd_ws.py",)  # kernel modules that import Gluon
+_gluon_lock = threading.Lock()
+_gluon_imported = False
+
+
+def import_gluon() -> None:
+    """Import Gluon's modules under one lock, once.  Triton's binder imports Gluon on its first
+    call, the warp-specialised forward's module and descriptors need it, and two threads
+    importing it at once deadlock on its package's circular imports (H100: ``_DeadlockError``
+    on ``triton.experimental.gluon.nvidia``, a forward's descriptors in the main thread against
+    the backward compiled ahead on its thread).  Every path to Triton's binder (``_real_args``)
+    and to Gluon's objects comes here first; a warm start whose launches all hit the launch
+    index never does."""
+    global _gluon_imported
+    if _gluon_imported:
+        return
+    with _gluon_lock:
+        if not _gluon_imported:
+            for name in _GLUON_MODULES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:  # older Triton, or a backend it does not ship
+                    pass
+            _gluon_imported = True
+
+
+def torch_cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
+
+
 def _real_args(args: tuple, kwargs: dict) -> tuple:
     """``(args, kwargs)`` with Gluon stand-ins (``standins``) replaced by the real objects (the
-    same objects where there are none)."""
+    same objects where there are none).  Called before every use of Triton's binder: Gluon is
+    imported first where CUDA is in use (see import_gluon)."""
+    if not _gluon_imported and torch_cuda_initialized():
+        import_gluon()
     if any(getattr(type(a), "_stand_in_for", None) for a in args):
         args = tuple(a.real() if getattr(type(a), "_stand_in_for", None) else a for a in args)
     if any(getattr(type(a), "_stand_in_for", None) for a in kwargs.values()):

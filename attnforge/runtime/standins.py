@@ -136,6 +136,7 @@ def gluon_ws() -> bool:
 
 
 def _import_ws() -> bool:
+    loader.import_gluon()  # (one thread at a time: see there)
     try:
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.language.nvidia import hopper
@@ -181,6 +182,8 @@ def _parts(block: tuple, dtype, gluon_loaded: bool) -> tuple:
 def real_parts(block: tuple, dtype) -> tuple:
     """Gluon's descriptor class and ``NVMMASharedLayout.get_default_for(block, dtype)``."""
     import torch
+
+    loader.import_gluon()
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
