@@ -14,8 +14,7 @@
 #   K                 [Zkv, Hkv, KV_LEN, HEAD_DIM]      Zkv in {1, Z} (stride_kz = 0 broadcasts)
 #   V                 [Zkv, Hkv, KV_LEN, HEAD_DIM_V]
 #   OUT               [Z, H, Q_LEN, HEAD_DIM_V]         dtype of Q
-#   LSE               [Z, H, Q_LEN] fp32, contiguous, natural log; -inf for a row with no key;
-#                     None: not stored (a call without grad that does not return it)
+#   LSE               [Z, H, Q_LEN] fp32, contiguous, natural log; -inf for a row with no key
 #   stride_<t><d>     element strides; t: q k v o; d: z (batch) h (head) m/n (row) k (feature)
 #   KV_NUM_BLKS       [Zb, Hb, nQ] int32: PARTIAL kv blocks of each sparse q block (mask applied)
 #   KV_IDX            [Zb, Hb, nQ, W] int32: their kv block indices
@@ -431,6 +430,5 @@ def _attn_fwd(
     else:
         tl.store(o_ptrs, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    if LSE is not None:  # None: a call that needs no lse (no grad, not returned)
-        lse_ptrs = LSE + off_zh.to(tl.int64) * Q_LEN + offs_m
-        tl.store(lse_ptrs, lse, mask=row_ok)
+    lse_ptrs = LSE + off_zh.to(tl.int64) * Q_LEN + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
