@@ -151,40 +151,6 @@ def test_plan_outputs_are_laid_out_as_the_full_paths(full_path_calls):
     assert len(full_path_calls) == len(cases)
 
 
-def test_no_lse_stored_where_none_is_wanted(full_path_calls, monkeypatch):
-    """A repeat call without grad that returns no lse allocates none and launches the kernel
-    with LSE=None (which stores none): the same out, bit for bit; with grad or return_lse, the
-    lse is made as before."""
-    from attnforge.runtime import launch
-
-    made = []
-    new_outputs = launch._new_outputs
-
-    def spy(layout, want_lse=True):
-        made.append(want_lse)
-        return new_outputs(layout, want_lse)
-
-    monkeypatch.setattr(launch, "_new_outputs", spy)
-    bm = af.create_block_mask(_causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
-    q, k, v = _qkv()
-    ref, ref_lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
-    for _ in range(3):
-        assert torch.equal(af.flex_attention(q, k, v, block_mask=bm), ref)
-    assert made == [False, False]  # (the first call of that key took the full path)
-    out, lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and made[-1] is True
-    q.requires_grad_()
-    for _ in range(2):
-        out = af.flex_attention(q, k, v, block_mask=bm)
-        (g,) = torch.autograd.grad(out.sum(), q)
-        assert torch.equal(out.detach(), ref) and made[-1] is True
-    q64 = q.detach().double().requires_grad_()
-    (g64,) = torch.autograd.grad(reference_attention(q64, k.double(), v.double(), block_mask=bm)
-                                 .sum(), q64)  # fmt: skip
-    torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-3)
-    assert len(full_path_calls) == 2  # (grad mode is not in the key: one plan, both ways)
-
-
 def test_captured_values_reread_through_the_plan(full_path_calls):
     q, k, v = _qkv()
     bias = torch.randn(2)

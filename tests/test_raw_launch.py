@@ -64,30 +64,23 @@ def _warm(call) -> None:
             call()
 
 
-def _outputs(call) -> tuple:
-    """``call()``'s out and lse (None: a call that returns no lse, whose kernel gets none)."""
-    with torch.no_grad():
-        done = call()
-    return done if isinstance(done, tuple) else (done, None)
-
-
 def _check(gpu, monkeypatch, call, *, raw: bool, times: int = 4):
-    """Run ``call`` (returns out, lse; or out) ``times`` times, each the default way and then
-    through Triton's launch path: the C launcher must get the same arguments (out/lse: the ones
-    each returned, or None).  ``raw``: some default call (True) or none (False) was a raw
-    launch."""
+    """Run ``call`` (returns out, lse) ``times`` times, each the default way and then through
+    Triton's launch path: the C launcher must get the same arguments (out/lse: the ones each
+    returned).  ``raw``: some default call (True) or none (False) was a raw launch."""
     launches, raws = gpu
     raws.clear()
     for _ in range(times):
-        out, lse = _outputs(call)
+        with torch.no_grad():
+            out, lse = call()
         got = _plain(launches[-1])
-        assert got[_OUT] == out.data_ptr() and got[_LSE] == (lse if lse is None else lse.data_ptr())
+        assert got[_OUT] == out.data_ptr() and got[_LSE] == lse.data_ptr()
         monkeypatch.setenv("ATTNFORGE_DIRECT_LAUNCH", "0")
-        out, lse = _outputs(call)
+        with torch.no_grad():
+            out, lse = call()
         monkeypatch.delenv("ATTNFORGE_DIRECT_LAUNCH")
         want = _plain(launches[-1])
-        assert want[_OUT] == out.data_ptr() and want[_LSE] == (
-            lse if lse is None else lse.data_ptr())  # fmt: skip
+        assert want[_OUT] == out.data_ptr() and want[_LSE] == lse.data_ptr()
         got[_OUT], got[_LSE], want[_OUT], want[_LSE] = 0, 0, 0, 0
         assert got == want
     assert (True in raws) == raw, raws
@@ -111,31 +104,6 @@ def test_raw_launch_passes_what_tritons_launch_passes(gpu, monkeypatch):
     # launch_planned, then raw; 8 bytes off: the kernel without TMA (no descriptors), raw too
     for offset in (32, 4):
         _check(gpu, monkeypatch, call(*_qkv(4, offset=offset)), raw=True, times=6)
-    _check(gpu, monkeypatch, call(q, k, v), raw=True)
-
-
-def test_raw_launch_without_lse(gpu, monkeypatch):
-    # no grad, lse not returned: the kernel gets LSE=None (its own specialisation, its own
-    # launch_planned memo and raw launch), passing what Triton's launch path passes
-    launches, _ = gpu
-    bm = af.create_block_mask(_causal, None, None, 128, 128, device="cpu")
-
-    def call(q, k, v, **kw):
-        return lambda: af.flex_attention(q, k, v, block_mask=bm, **kw)
-
-    q, k, v = _qkv()
-    _warm(call(q, k, v))
-    _check(gpu, monkeypatch, call(q, k, v), raw=True)
-    for seed in (1, 2):
-        _check(gpu, monkeypatch, call(*_qkv(seed)), raw=True)
-    # the same plan with grad needs lse (kept for the backward); return_lse=True: another plan
-    q.requires_grad_()
-    for _ in range(2):
-        af.flex_attention(q, k, v, block_mask=bm)
-        assert isinstance(_plain(launches[-1])[_LSE], int)
-    q.requires_grad_(False)
-    _warm(call(q, k, v, return_lse=True))
-    _check(gpu, monkeypatch, call(q, k, v, return_lse=True), raw=True)
     _check(gpu, monkeypatch, call(q, k, v), raw=True)
 
 

@@ -223,8 +223,7 @@ class _Plan:
         # (it reads neither the block mask nor anything else of ``call`` a repeat call changes)
         fwd = self.memo.get("fwd")
         if fwd is not None and not needs_grad(q, k, v, tensors):
-            # no gradient: lse is needed only where it is returned (else the kernel stores none)
-            done = fwd(call, q, k, v, tensors, call.return_lse)
+            done = fwd(call, q, k, v, tensors)
             if done is not None:
                 return done if call.return_lse else done[0]
         out, lse = attention(call.copy_with(block_mask=bm), q, k, v, tensors)

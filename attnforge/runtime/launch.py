@@ -495,17 +495,14 @@ def _output_layout(out: torch.Tensor, lse: torch.Tensor) -> tuple:
     return tuple(out.shape), out.stride(), tuple(lse.shape), lse.stride(), out.dtype, out.device
 
 
-def _new_outputs(layout: tuple, want_lse: bool = True) -> tuple:
-    """Fresh ``out`` and ``lse`` (None unless ``want_lse``) with a recorded layout (sizes and
-    strides as the recorded launch's, so its arguments hold).  ``empty_strided`` with tuples:
-    torch.empty parses a ``torch.Size`` through more overloads (CPU: 1.1 vs 2.1 µs each,
-    bench/NOTES.md session 10)."""
+def _new_outputs(layout: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ``out`` and ``lse`` with a recorded layout (sizes and strides as the recorded
+    launch's, so its arguments hold).  ``empty_strided`` with tuples: torch.empty parses a
+    ``torch.Size`` through more overloads (CPU: 1.1 vs 2.1 µs each, bench/NOTES.md session 10)."""
     out_size, out_stride, lse_size, lse_stride, dtype, device = layout
     empty = torch.empty_strided
-    out = empty(out_size, out_stride, dtype=dtype, device=device)
-    if not want_lse:
-        return out, None
-    return out, empty(lse_size, lse_stride, dtype=torch.float32, device=device)
+    return (empty(out_size, out_stride, dtype=dtype, device=device),
+            empty(lse_size, lse_stride, dtype=torch.float32, device=device))  # fmt: skip
 
 
 class _FwdPlan:
@@ -515,12 +512,10 @@ class _FwdPlan:
     descriptors and the captured values are rebuilt, and the kernel is launched through
     ``Launcher.launch_planned`` (GPU) or ``kernel[grid]`` (interpreter).  Returns None (the
     caller takes the full path) where TMA eligibility changed or a new specialisation ran out
-    of resources.  ``want_lse=False`` (a call without grad that does not return lse): no lse is
-    allocated, the kernel gets ``LSE=None`` (its own specialisation, which stores none) and the
-    result is ``(out, None)``."""
+    of resources."""
 
     __slots__ = ("kernel", "requested", "cfg", "grid", "kwargs", "rest", "n_params", "outputs",
-                 "planned", "memo", "memo_out")  # fmt: skip
+                 "planned", "memo")  # fmt: skip
 
     def __init__(self, kernel, requested, cfg, grid, kwargs, args, n_params, out, lse):
         self.kernel, self.requested, self.cfg, self.grid = kernel, requested, cfg, grid
@@ -528,22 +523,19 @@ class _FwdPlan:
         self.rest = args[: len(args) - n_params]
         self.outputs = _output_layout(out, lse)
         self.planned = getattr(kernel, "launch_planned", None)
-        self.memo: dict = {}  # launch_planned's, for (q, k, v, out, lse)
-        self.memo_out: dict = {}  # and for (q, k, v, out, None): another argument layout
+        self.memo: dict = {}
 
-    def __call__(self, call: KernelCall, q, k, v, tensors: list, want_lse: bool = True):
-        out, lse = _new_outputs(self.outputs, want_lse)
+    def __call__(self, call: KernelCall, q, k, v, tensors: list):
+        out, lse = _new_outputs(self.outputs)
         params = extra = ()
         if self.n_params:
             params = tuple(_param_args(call.lowered, call.scalars, tensors))
             # Triton specialises ints and bools, never floats; tensors are keyed by address
             extra = tuple([a for a in params if type(a) is int or type(a) is bool])
-        memo = self.memo if want_lse else self.memo_out
-        raw = memo.get(loader.RAW_PLANNED) if self.planned is not None else None
+        raw = self.memo.get(loader.RAW_PLANNED) if self.planned is not None else None
         # the raw launch checks the tensors' low address bits against the recorded launch's,
         # which implies the alignment check below (TMA as recorded)
-        if raw is not None and raw((q, k, v, out, lse) if want_lse else (q, k, v, out), params,
-                                   extra):  # fmt: skip
+        if raw is not None and raw((q, k, v, out, lse), params, extra):
             return out, lse
         if call.config.USE_TMA:
             # shapes and strides are the plan's: only the addresses' alignment can change what
@@ -559,8 +551,7 @@ class _FwdPlan:
                 self.kernel[self.grid](*args, **self.kwargs)
             else:
                 # q, k, v, out, lse and their descriptors change, and the captured values
-                fresh = 5 if want_lse else 4
-                self.planned(self.grid, args, self.kwargs, memo, extra, fresh, len(params))
+                self.planned(self.grid, args, self.kwargs, self.memo, extra, 5, len(params))
         except OutOfResources:  # a new specialisation of a captured value: shrink on full path
             call.memo.pop("fwd", None)
             return None
@@ -681,9 +672,9 @@ class _WsPlan:
                  _ws_descriptor(v, _WS_BLOCK_N))  # fmt: skip
         self.kernel[self.grid](*descs, out, lse, *self.rest, *params, **self.kwargs)
 
-    def __call__(self, call: KernelCall, q, k, v, tensors: list, want_lse: bool = True):
+    def __call__(self, call: KernelCall, q, k, v, tensors: list):
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
-            return None  # (the Gluon kernel always stores lse: want_lse is not used)
+            return None
         out, lse = _new_outputs(self.outputs)
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
         self.launch(q, k, v, out, lse, params)
