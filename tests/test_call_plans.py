@@ -363,9 +363,9 @@ def test_gpu_backward_plan_replays(options, D):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("masked", [True, False])
-def test_gpu_no_lse_call_gives_the_same_out(D, masked):
-    # no grad, no lse returned: the kernel's LSE=None specialisation (raw launches after the
-    # first repeats), new inputs every call, bit-equal to the kernel that stores lse
+def test_gpu_planned_call_gives_the_same_out(D, masked):
+    # no grad, no lse returned: the per-call plan's raw launches after the first repeats, new
+    # inputs every call, bit-equal to a call that returns lse
     api._plans.clear()
     g = torch.Generator(device="cuda").manual_seed(7)
     bm = af.create_block_mask(_causal, None, None, 256, 256, device="cuda") if masked else None
