@@ -248,7 +248,10 @@ def head_group(
         return 1
     want = -(-2 * _sm_count(device) * per_sm // max(n_tiles, 1))
     cap = max(2, _L2_BUDGET // max(stream_bytes, 1))
-    return max(1, min(want, cap, n_heads))
+    size = max(1, min(want, cap, n_heads))
+    # groups of equal size: a last group of a head or two would run its heavy tiles alone
+    # (64 heads in groups of 9: the eighth holds one; H100 D=64 causal 369 vs 388-395 TF/s)
+    return -(-n_heads // -(-n_heads // size))
 
 
 # -- the call ----------------------------------------------------------------------------------
