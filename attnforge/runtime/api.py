@@ -231,10 +231,16 @@ class _Plan:
 
 
 def _remember_plan(key, plan: _Plan, user_mask) -> None:
+    # plans dropped here are released after the lock: the last reference to a user's block
+    # mask may go with them, and its finalizer (_forget_mask) takes the lock
+    dropped = None
     with _memo_lock:
         if len(_plans) >= _PLAN_LIMIT:
+            dropped = list(_plans.values())
             _plans.clear()
+        replaced = _plans.get(key)
         _plans[key] = plan
+    del dropped, replaced
     if user_mask is not None:  # the plan holds the mask's lists: drop it with the mask
         weakref.finalize(user_mask, _forget_mask, id(user_mask))
 
@@ -250,7 +256,7 @@ def _forget_mask(mask_id: int) -> None:
 # re-read through the mods' getters at every call, in ``launch.slot_values``).
 
 _MEMO_LIMIT = 256
-_memo_lock = threading.Lock()
+_memo_lock = threading.RLock()  # (a finalizer may run while it is held)
 
 
 def _remember(memo: dict, key, value):
