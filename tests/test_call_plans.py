@@ -376,4 +376,3 @@ def test_gpu_planned_call_gives_the_same_out(D, masked):
             out = af.flex_attention(q, k, v, block_mask=bm)
             ref, lse = af.flex_attention(q, k, v, block_mask=bm, return_lse=True)
             assert torch.equal(out, ref) and torch.isfinite(lse).all()
-
