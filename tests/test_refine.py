@@ -155,3 +155,31 @@ def test_no_refinement_where_it_does_not_pay():
     sliding = af.create_block_mask(_sliding(100), None, None, 256, 256, device="cpu")
     assert launch.dkdv_block_mask(sliding, {}, cfg) is sliding  # 128-key tiles
     assert launch.dkdv_block_mask(sliding, {"REFINE_BLOCKS": False}) is sliding
+
+
+@pytest.mark.parametrize("L, S", [(200, 300), (300, 130), (1, 257)])
+def test_per_head_mask_gqa_and_odd_lengths(L, S):
+    # a window per head (a captured tensor), B=2, GQA 4:2, lengths off the block grid
+    windows = torch.tensor([30, 70, 150, 500])
+
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + (S - L)) & (q_idx + (S - L) - kv_idx < windows[h])
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, L, 24, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, S, 24, generator=g).requires_grad_() for _ in range(2))
+    do = torch.randn(2, 4, L, 24, generator=g)
+    bm = af.create_block_mask(mask, 2, 4, L, S, device="cpu")
+    kw = dict(block_mask=bm, enable_gqa=True)
+    grads = []
+    for options in (None, {"REFINE_BLOCKS": False}):
+        for t in (q, k, v):
+            t.grad = None
+        af.flex_attention(q, k, v, kernel_options=options, **kw).backward(do)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves, **kw).backward(do.double())
+    for a, leaf in zip(grads[0], leaves):
+        torch.testing.assert_close(a.double(), leaf.grad, atol=2e-5, rtol=1e-4)
