@@ -478,32 +478,34 @@ _full_lock = threading.Lock()
 
 
 def _full_plan(L: int, S: int, device: torch.device):
-    """A BlockMask with every kv block FULL (no mask code runs), cached per (L, S, device)."""
+    """A BlockMask listing every kv block (no mask code runs: there is no mask_mod), cached per
+    (L, S, device).  The blocks are listed as PARTIAL and there are no FULL lists, so each
+    kernel compiles one block loop, not two identical ones (with no mask_mod the PARTIAL loop
+    applies none): the cold compile of the backward's two kernels takes ~30% less (sm_90
+    ptxas, bench/NOTES.md session 10)."""
     key = (L, S, str(device))
     plan = _full_plans.get(key)
     if plan is not None:
         return plan
     n_q = max(1, -(-L // _FULL_BLOCK))
     n_kv = -(-S // _FULL_BLOCK)
-    partial_num = torch.zeros((1, 1, n_q), dtype=torch.int32, device=device)
-    partial_idx = torch.zeros((1, 1, n_q, 1), dtype=torch.int32, device=device)
-    full_num = torch.full((1, 1, n_q), n_kv, dtype=torch.int32, device=device)
-    full_idx = torch.arange(max(n_kv, 1), dtype=torch.int32, device=device)
-    full_idx = full_idx.expand(1, 1, n_q, -1).contiguous()
+    num = torch.full((1, 1, n_q), n_kv, dtype=torch.int32, device=device)
+    idx = torch.arange(max(n_kv, 1), dtype=torch.int32, device=device)
+    idx = idx.expand(1, 1, n_q, -1).contiguous()
     # The transposes (what the dK/dV kernel walks) are known too: every kv column lists every
-    # q row as FULL. Built here, the first backward launches no sort/search kernels and never
+    # q row. Built here, the first backward launches no sort/search kernels and never
     # synchronises to size them (BlockMask would compute the same lists lazily on the GPU).
     transposed = (None,) * 4
     if n_kv > 0:
-        full_q_idx = torch.arange(n_q, dtype=torch.int32, device=device)
+        q_idx = torch.arange(n_q, dtype=torch.int32, device=device)
         transposed = (
-            torch.zeros((1, 1, n_kv), dtype=torch.int32, device=device),
-            torch.zeros((1, 1, n_kv, 1), dtype=torch.int32, device=device),
             torch.full((1, 1, n_kv), n_q, dtype=torch.int32, device=device),
-            full_q_idx.expand(1, 1, n_kv, -1).contiguous(),
+            q_idx.expand(1, 1, n_kv, -1).contiguous(),
+            None,
+            None,
         )
     plan = BlockMask(
-        (max(L, 1), max(S, 1)), partial_num, partial_idx, full_num, full_idx, *transposed,
+        (max(L, 1), max(S, 1)), num, idx, None, None, *transposed,
         BLOCK_SIZE=(_FULL_BLOCK, _FULL_BLOCK), mask_mod=None, _ascending=True, _all_full=True,
     )  # fmt: skip
     with _full_lock:
