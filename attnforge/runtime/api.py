@@ -481,8 +481,8 @@ def _full_plan(L: int, S: int, device: torch.device):
     """A BlockMask listing every kv block (no mask code runs: there is no mask_mod), cached per
     (L, S, device).  The blocks are listed as PARTIAL and there are no FULL lists, so each
     kernel compiles one block loop, not two identical ones (with no mask_mod the PARTIAL loop
-    applies none): the cold compile of the backward's two kernels takes ~30% less (sm_90
-    ptxas, bench/NOTES.md session 10)."""
+    applies none): the backward's two kernels compile in 20-30% less time (sm_90 AOT on
+    CPU, fresh Triton cache, bench/NOTES.md session 10)."""
     key = (L, S, str(device))
     plan = _full_plans.get(key)
     if plan is not None:
