@@ -289,7 +289,7 @@ def _first_call(impl: str, c: float, env: dict, log) -> tuple:
     return float(lines[-1]), float(lines[-2].split()[1])
 
 
-def compile_times(log):
+def compile_times(log, rounds: int = 3):
     """First forward+backward of a new variant in a new process, imports timed apart, for both
     libraries, each with its own empty caches (attnforge's, Inductor's, Triton's):
 
@@ -298,20 +298,33 @@ def compile_times(log):
       launchers (gcc, one per argument-type signature) and its cuda_utils are built;
     - ``cold_empty_triton_s``: the very first call, with those gcc builds too;
     - ``warm_disk_s``: the same variant again in a new process (compiled kernels on disk).
+
+    Each figure is the median of ``rounds`` rounds, every round with fresh caches (a single
+    sample of a multi-process compile swings by +-0.3 s on the H100 host); ``samples`` keeps
+    them all.
     """
     res = {}
     for impl in ("attnforge", "flex"):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache + "/af",
-                       TORCHINDUCTOR_CACHE_DIR=cache + "/ind",
-                       TRITON_CACHE_DIR=cache + "/tr")  # fmt: skip
-            empty, _ = _first_call(impl, 0.0625, env, log)
-            cold, _ = _first_call(impl, 0.125, env, log)
-            warm, imports = _first_call(impl, 0.125, env, log)
-        res[impl] = {"cold_s": cold, "warm_disk_s": warm, "import_s": imports,
-                     "cold_empty_triton_s": empty}  # fmt: skip
-        log(f"  compile {impl}: cold {cold} s (empty Triton cache {empty} s), warm disk {warm} s, "
-            f"imports {imports} s")  # fmt: skip
+        samples: dict = {"cold_s": [], "warm_disk_s": [], "import_s": [],
+                         "cold_empty_triton_s": []}  # fmt: skip
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, ATTNFORGE_CACHE_DIR=cache + "/af",
+                           TORCHINDUCTOR_CACHE_DIR=cache + "/ind",
+                           TRITON_CACHE_DIR=cache + "/tr")  # fmt: skip
+                empty, _ = _first_call(impl, 0.0625, env, log)
+                cold, _ = _first_call(impl, 0.125, env, log)
+                warm, imports = _first_call(impl, 0.125, env, log)
+            for name, value in (("cold_s", cold), ("warm_disk_s", warm), ("import_s", imports),
+                                ("cold_empty_triton_s", empty)):  # fmt: skip
+                if value is not None:
+                    samples[name].append(value)
+        res[impl] = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
+        res[impl]["samples"] = samples
+        r = res[impl]
+        log(f"  compile {impl} (median of {rounds}): cold {r['cold_s']} s (empty Triton cache "
+            f"{r['cold_empty_triton_s']} s), warm disk {r['warm_disk_s']} s, imports "
+            f"{r['import_s']} s; samples {samples}")  # fmt: skip
     return res
 
 
@@ -453,6 +466,12 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--impls", nargs="*", default=None)
     ap.add_argument("--no-compile-bench", action="store_true")
+    ap.add_argument(
+        "--compile-rounds",
+        type=int,
+        default=3,
+        help="rounds of the compile figures (each with fresh caches; medians)",
+    )
     ap.add_argument("--rounds", type=int, default=3,
                     help="timing rounds per case, implementations in rotating order; each "
                     "keeps its median")  # fmt: skip
@@ -488,7 +507,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     comp = {}
     if not args.no_compile_bench:
-        comp = compile_times(log)
+        comp = compile_times(log, args.compile_rounds)
         comp["host_overhead"] = host_overhead(log)
     gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
     env = {
