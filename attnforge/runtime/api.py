@@ -176,7 +176,7 @@ class _Plan:
         plan.score_ir, plan.mask_ir = score_ir, mask_ir
         plan.bm_ref = plan.bm_fields = plan.bm_getter = None
         # The user's block mask is held weakly (the plan goes with it, see _remember_plan); a
-        # converted torch mask or the all-FULL plan is ours to hold.
+        # converted torch mask or the no-mask plan is ours to hold.
         plan.bm = None if call.block_mask is user_mask else call.block_mask
         plan.memo = {}
         plan.call = call.copy_with(block_mask=None, memo=plan.memo)
@@ -269,7 +269,7 @@ def _remember(memo: dict, key, value):
 
 class _Geometry:
     """Shapes, dtype and device of one ``(q, k, v, enable_gqa)`` combination, validated once;
-    holds what depends on nothing else (default scale, all-FULL plan, tile configs)."""
+    holds what depends on nothing else (default scale, no-mask plan, tile configs)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor):
         self.B, self.Hq, self.L, self.E = q.shape

@@ -264,7 +264,7 @@ class KernelCall:
 
     modules: dict[str, ModuleType]
     lowered: Any  # attnforge.codegen.Lowered
-    block_mask: Any  # attnforge.runtime.blockmask.BlockMask (or the all-FULL plan)
+    block_mask: Any  # attnforge.runtime.blockmask.BlockMask (or the no-mask plan)
     scale: float
     gqa_group: int
     config: FwdConfig
