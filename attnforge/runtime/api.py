@@ -470,7 +470,7 @@ def _from_torch(torch_mask: Any) -> BlockMask:
     return _remember(_converted, id(torch_mask), (ref, src, bm))[2]
 
 
-# -- the all-FULL plan used when block_mask is None --------------------------------------------
+# -- the no-mask plan used when block_mask is None ---------------------------------------------
 
 _FULL_BLOCK = 128
 _full_plans: dict[tuple, Any] = {}
