@@ -136,7 +136,7 @@ def flex_attention(
 
 _PLAN_LIMIT = 64
 _is = operator.is_
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSORS = launch.PLAIN_TENSORS
 _plans: dict[tuple, _Plan] = {}
 # BlockMask fields a plan depends on, compared by identity at every call (a reassigned field
 # makes a new plan; the lists' contents are read by the kernels, so in-place edits need none)

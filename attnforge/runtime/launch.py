@@ -490,7 +490,9 @@ def _fwd_head(head: tuple, cfg: FwdConfig) -> tuple:
     return (*head, *(_fwd_descriptors(q, k, v, cfg) if cfg.USE_TMA else (None, None, None)))
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# tensors whose type is exactly torch's (no subclass hooks): raw launches may read their
+# addresses directly; per-call plans key on them
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _output_layout(out: torch.Tensor, lse: torch.Tensor) -> tuple:
@@ -1212,15 +1214,21 @@ def _bwd_kernels(
     Bkv, Hkv, S, Ev = v.shape
     dev = q.device
     bm, mod = call.block_mask, call.modules["bwd"]
-    q_block, kv_block = bm.BLOCK_SIZE
-    even = (L % q_block == 0, S % kv_block == 0)
     pos_f32 = positions_f32(L, S)
-    shape_key = (E, Ev, q_block, kv_block, *even, q.dtype, pos_f32)
-    consts = dict(
-        HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E), HEAD_DIM_V_PAD=head_dim_pad(Ev),
-        SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block, EVEN_Q=even[0], EVEN_KV=even[1],
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POS_F32=pos_f32,
-    )  # fmt: skip
+
+    def block_consts(block_size: tuple) -> tuple[dict, tuple]:
+        # the constexprs and compile key that follow the block size a kernel's lists use
+        q_block, kv_block = block_size
+        even = (L % q_block == 0, S % kv_block == 0)
+        key = (E, Ev, q_block, kv_block, *even, q.dtype, pos_f32)
+        return dict(
+            HEAD_DIM=E, HEAD_DIM_V=Ev, HEAD_DIM_PAD=head_dim_pad(E),
+            HEAD_DIM_V_PAD=head_dim_pad(Ev), SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
+            EVEN_Q=even[0], EVEN_KV=even[1],
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POS_F32=pos_f32,
+        ), key  # fmt: skip
+
+    consts, shape_key = block_consts(bm.BLOCK_SIZE)
     kz = 0 if Bkv == 1 else k.stride(0)
     vz = 0 if Bkv == 1 else v.stride(0)
     # -- delta = rowsum(dO * O) - dLSE --
@@ -1248,9 +1256,7 @@ def _bwd_kernels(
     #    finer block mask where there is one --
     fine = dkdv_block_mask(bm, call.options, cfg)
     q_lists, q_strides, has_full_q = _block_args(fine, q_block_lists)
-    fq, fk = fine.BLOCK_SIZE
-    dkdv_consts = dict(consts, SPARSE_Q_BLOCK=fq, SPARSE_KV_BLOCK=fk, EVEN_Q=L % fq == 0,
-                       EVEN_KV=S % fk == 0)  # fmt: skip
+    dkdv_consts, dkdv_shape = block_consts(fine.BLOCK_SIZE)
     z_per_kv = B if Bkv == 1 else 1
     dkdv = mod._attn_bwd_dkdv
     # TMA where every tensor a loop reads can be described (tiles checked per config).  The
@@ -1313,8 +1319,7 @@ def _bwd_kernels(
                     TENSOR_GRADS=bits, HAS_DLSE=has_dlse, USE_TMA=_tma_on(tma, c.BLOCK_N2),
                     num_warps=c.num_warps, num_stages=c.num_stages, **consts)  # fmt: skip
 
-    dkdv_key = (E, Ev, fq, fk, L % fq == 0, S % fk == 0, q.dtype, pos_f32, has_full_q,
-                dq_in_dkdv, order, dq_tma)  # fmt: skip
+    dkdv_key = (*dkdv_shape, has_full_q, dq_in_dkdv, order, dq_tma)
     dq_key = (*shape_key, has_full, bits, has_dlse)
     # delta comes from the dQ kernel, which then runs first, or from the preprocess kernel
     jobs = [(dq_kernel, dq_args, dq_kw, (cfg, dq_key, _DQ_SHRINK))] if run_dq_kernel else [
@@ -1437,7 +1442,7 @@ class _BwdPlan:
             if blockmask.refined(bm, _DKDV_FINE) is not step.fine:
                 return None
         # raw launches read fresh tensors' addresses by torch.Tensor's own data_ptr
-        plain = type(d_out) in _PLAIN_TENSORS and type(dl) in _PLAIN_TENSORS
+        plain = type(d_out) in PLAIN_TENSORS and type(dl) in PLAIN_TENSORS
         dev = q.device
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = dict(q=q, k=k, v=v, out=out, lse=lse, d_out=d_out, dl=dl, dq=dq, dk=dk, dv=dv,

@@ -102,7 +102,7 @@ def load_module(path: str | os.PathLike, name: str, interpret: bool) -> ModuleTy
     previous = sys.modules.get(name, _MISSING)
     sys.modules[name] = module
     try:
-        if not interpret and path.name in _GLUON_FILES:
+        if not interpret and path.name in _GLUON_KERNEL_FILES:
             import_gluon()  # before the file's own Gluon imports (one thread at a time)
         with triton_interpret(interpret):
             spec.loader.exec_module(module)
@@ -556,7 +556,7 @@ def _materialize(module: ModuleType) -> ModuleType:
             vars(module).pop(attr, None)
         linecache.checkcache(str(path))
         try:
-            if path.name in _GLUON_FILES:
+            if path.name in _GLUON_KERNEL_FILES:
                 import_gluon()
             with triton_interpret(False):
                 spec.loader.exec_module(module)
@@ -636,7 +636,7 @@ _GLUON_MODULES = (
     "triton.experimental.gluon.nvidia.hopper",
     "triton.experimental.gluon._runtime",
 )
-_GLUON_FILES = ("fwd_ws.py",)  # kernel modules that import Gluon
+_GLUON_KERNEL_FILES = ("fwd_ws.py",)  # kernel modules that import Gluon
 _gluon_lock = threading.Lock()
 _gluon_imported = False
 
