@@ -48,7 +48,10 @@ for name, D, even in [("noop", 128, True), ("causal", 64, True), ("alibi", 128, 
     slots = {s.name: PTR[s.dtype] if s.kind == "tensor" else SCALAR[s.dtype] for s in low.slots}
     cx = dict(BLOCK_M=128, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=even,
               HAS_FULL_BLOCKS=mask is not None, SCALE_FOLDED=score is None, POS_F32=True,
-              NUM_STAGES=2 if D == 128 else 3, PINGPONG=False, PERSISTENT=D == 64)
+              NUM_STAGES=2 if D == 128 else 3, PINGPONG=False,
+              # every schedule: one tile per CTA, static rounds, tiles from the counter
+              PERSISTENT=D == 64 or name in ("document", "window"),
+              DYNAMIC=name in ("causal", "document"))
     sig, consts = {}, {}
     for arg in fn.arg_names:
         if arg in cx:
@@ -60,7 +63,8 @@ for name, D, even in [("noop", 128, True), ("causal", 64, True), ("alibi", 128, 
         elif arg in slots:
             sig[arg] = slots[arg]
         else:
-            sig[arg] = {"OUT": "*bf16", "LSE": "*fp32", "sm_scale": "fp32"}.get(
+            sig[arg] = {"OUT": "*bf16", "LSE": "*fp32", "sm_scale": "fp32",
+                        "TILE_COUNTER": "*i32"}.get(
                 arg, "*i32" if arg.endswith(("NUM_BLKS", "_IDX")) else "i32")
     c = triton.compile(GluonASTSource(fn, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 1})
@@ -172,3 +176,68 @@ def test_gpu_ws_forward_and_backward(name, L, S, D, Hq, Hkv, dtype, monkeypatch)
     assert (out.float() - tri.float()).abs().max().item() < 2e-2
     for a, b in zip(grads_ws, torch.autograd.grad(tri, (q, k, v), g)):
         assert (a.float() - b.float()).abs().max().item() < 5e-2
+
+
+DYNAMIC_CASES = [
+    # (variant, L, D, Hq): tiles of unequal work, more tiles than SMs and fewer
+    ("causal", 4096, 128, 8),
+    ("document", 3000, 128, 4),
+    ("window", 4096, 64, 8),
+    ("empty_rows", 300, 128, 4),
+    ("alibi", 1000, 64, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="the warp-specialised forward runs on sm_90")
+@pytest.mark.parametrize("name, L, D, Hq", DYNAMIC_CASES)
+def test_gpu_ws_persistent_counter_matches_one_tile_per_cta(name, L, D, Hq):
+    # a persistent launch with a block mask takes its tiles from an atomic counter: every tile
+    # is computed as by a CTA of its own, so out and lse are bit-identical, on every launch
+    # (the counter starts at zero each time) and in a CUDA graph's replays
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, Hq, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    score, mask = _variant(name, L)
+    bm = af.create_block_mask(mask, None, None, L, L, device="cuda")
+    opts = {"FWD_WS": True}
+
+    def run(persistent):
+        return af.flex_attention(q, k, v, score_mod=score, block_mask=bm, return_lse=True,
+                                 kernel_options=dict(opts, PERSISTENT=persistent))  # fmt: skip
+
+    ref_out, ref_lse = run(False)
+    for _ in range(3):
+        out, lse = run(True)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    exact = reference_attention(q.double(), k.double(), v.double(), score_mod=score,
+                                block_mask=bm)  # fmt: skip
+    assert (out.double() - exact).abs().max().item() < 2.5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="the warp-specialised forward runs on sm_90")
+def test_gpu_ws_persistent_counter_in_cuda_graph():
+    # the counter's zeroing is part of the captured work: every replay takes every tile
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))  # fmt: skip
+    bm = af.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4096, 4096, device="cuda")
+
+    def run(persistent):
+        return af.flex_attention(q, k, v, block_mask=bm,
+                                 kernel_options={"PERSISTENT": persistent})  # fmt: skip
+
+    ref = run(False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(True)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = run(True)
+    for _ in range(2):
+        g_out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(g_out, ref)

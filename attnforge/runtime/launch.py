@@ -73,8 +73,9 @@ KERNEL_OPTIONS: dict[str, str] = {
     "sub-blocks it skips (nothing kept), runs without mask code (all kept) or masks, where "
     "that skips at least 2% of its sub-blocks; False walks the block mask as given",
     "PERSISTENT": "the warp-specialised forward (bool; default True without a block mask): one "
-    "CTA per SM walks query tiles in rounds, loading the next tile's Q and K/V while it "
-    "finishes one; False launches one CTA per tile",
+    "CTA per SM walks query tiles (in rounds; with a block mask, taken from an atomic counter "
+    "in heaviest-first order), loading the next tile's Q and K/V while it finishes one; False "
+    "launches one CTA per tile",
 }
 _BOOL_OPTIONS = frozenset({"DQ_ATOMIC", "USE_TMA", "DP_FIRST", "FWD_WS", "DQ_TMA",
                            "PERSISTENT", "REFINE_BLOCKS"})  # fmt: skip
@@ -626,9 +627,11 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
     kernel = cache.load_ws(call.modules)._attn_fwd_ws
     n_tiles = triton_cdiv(L, _WS_BLOCK_M) * B * Hq
     # persistent (one CTA per SM: its shared memory and registers hold one) where every tile
-    # has the same work: H100, no mask, D=128 573 vs 556 TF/s, D=64 419 vs 408 (causal, where
-    # the heaviest-first order is per head group, 489 vs 537: bench/NOTES.md, session 9)
+    # has the same work: H100, no mask, D=128 573 vs 556 TF/s, D=64 419 vs 408.  With a block
+    # mask the tiles' work differs: static rounds lost (causal 489 vs 537: bench/NOTES.md,
+    # session 9), so a persistent launch takes its tiles from a counter (DYNAMIC)
     persistent = call.options.get("PERSISTENT", bm._all_full)
+    dynamic = persistent and not bm._all_full
     rest = (
         *lists,
         0 if k.shape[0] == 1 else k.stride(0), *out.stride()[:3],
@@ -650,6 +653,7 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
         NUM_STAGES=stages,
         PINGPONG=False,
         PERSISTENT=persistent,
+        DYNAMIC=dynamic,
         num_warps=4,
     )
     grid = min(n_tiles, _sm_count(q.device)) if persistent else n_tiles
@@ -665,17 +669,21 @@ class _WsPlan:
     :class:`_FwdPlan`): only q, k, v, out, lse, their descriptors and the captured values are
     new.  Returns None (full path) where an address lost the 16-byte alignment TMA needs."""
 
-    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params", "outputs")
+    __slots__ = ("kernel", "grid", "kwargs", "rest", "n_params", "outputs", "dynamic")
 
     def __init__(self, kernel, grid, kwargs, rest, n_params, out, lse):
         self.kernel, self.grid, self.kwargs, self.rest = kernel, grid, kwargs, rest
         self.n_params = n_params
         self.outputs = _output_layout(out, lse)
+        self.dynamic = kwargs["DYNAMIC"]
 
     def launch(self, q, k, v, out, lse, params: tuple) -> None:
         descs = (_ws_descriptor(q, _WS_ROWS), _ws_descriptor(k, _WS_BLOCK_N),
                  _ws_descriptor(v, _WS_BLOCK_N))  # fmt: skip
-        self.kernel[self.grid](*descs, out, lse, *self.rest, *params, **self.kwargs)
+        # DYNAMIC: the tile counter starts at zero in every launch (its own tensor: launches
+        # on other streams or in a CUDA graph never share one); else an argument never read
+        counter = _zero_counter(q.device) if self.dynamic else _unused_counter(q.device)
+        self.kernel[self.grid](*descs, out, lse, counter, *self.rest, *params, **self.kwargs)
 
     def __call__(self, call: KernelCall, q, k, v, tensors: list):
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
@@ -684,6 +692,15 @@ class _WsPlan:
         params = tuple(_param_args(call.lowered, call.scalars, tensors)) if self.n_params else ()
         self.launch(q, k, v, out, lse, params)
         return out, lse
+
+
+def _zero_counter(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _unused_counter(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _ws_descriptor(t: torch.Tensor, rows: int):

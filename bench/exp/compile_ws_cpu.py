@@ -76,11 +76,12 @@ lse = torch.empty(B, H, L)
 if kernel == "ws":
     name, fname = "fwd_ws.py", "_attn_fwd_ws"
     args = (launch._ws_descriptor(q, launch._WS_ROWS), launch._ws_descriptor(k, launch._WS_BLOCK_N),
-            launch._ws_descriptor(v, launch._WS_BLOCK_N), out, lse, *lists, 0, *out.stride()[:3],
-            *bm_strides, H, 1, L, L, 0.125, 1, *params)
+            launch._ws_descriptor(v, launch._WS_BLOCK_N), out, lse,
+            torch.zeros(1, dtype=torch.int32), *lists, 0, *out.stride()[:3],
+            *bm_strides, H, 1, L, L, 0.125, 1, B * H, *params)
     kw = dict(BLOCK_M=128, SPARSE_Q_BLOCK=128, SPARSE_KV_BLOCK=128, EVEN_KV=True,
               HAS_FULL_BLOCKS=has_full, SCALE_FOLDED=False, POS_F32=True, NUM_STAGES=3,
-              PINGPONG=False, num_warps=4)
+              PINGPONG=False, PERSISTENT=True, DYNAMIC=False, num_warps=4)
 elif kernel == "triton":
     name, fname = "fwd.py", "_attn_fwd"
     d = lambda t, r: launch._descriptor(t, r)
