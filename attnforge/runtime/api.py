@@ -38,9 +38,11 @@ import torch
 
 from ..codegen import lower
 from ..dsl.api import current_mod
+from ..dsl.ir import Op
 from . import cache, launch, loader
 from .autograd import attention, needs_grad
 from .blockmask import BlockMask
+from .bounds import check_index_bounds
 
 __all__ = ["flex_attention"]
 
@@ -96,6 +98,12 @@ def flex_attention(
     mask, mask_ir, mask_params = current_mod(block_mask.mask_mod, "mask")
     lowered = _lower(score, mask, score_ir, mask_ir)
     scalars, tensors = launch.slot_values(lowered, score_params, mask_params)
+    # captured tensors indexed out of bounds (the kernels would read 0); a score mod only
+    # without a mask: a masked position's score may index anywhere, it is never used
+    extents = {Op.B: q.shape[0], Op.H: q.shape[1], Op.Q_IDX: q.shape[2], Op.KV_IDX: k.shape[2]}
+    if mask_ir is None or (mask_ir.op is Op.CONST and mask_ir.arg):
+        check_index_bounds("score", score_ir, score_params, extents)
+    check_index_bounds("mask", mask_ir, mask_params, extents)
     for t in tensors:
         if t.device != geo.device:
             raise ValueError(
