@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dsl.ir import DType, Node, Op
+from .launch import mod_param
 
 __all__ = ["check_index_bounds"]
 
@@ -54,7 +55,7 @@ def check_index_bounds(
             lo, hi = _extremes(form, extents)
             size = int(shape[dim])
             if lo < -size or hi >= size:
-                name = _param_name(params, n.src[0].arg[0])
+                name = mod_param(params, n.src[0].arg[0]).name
                 bad = hi if hi >= size else lo
                 raise IndexError(
                     f"{kind}_mod indexes the captured tensor {name!r} (shape {tuple(shape)}) "
@@ -86,13 +87,8 @@ def _unguarded_loads(root: Node) -> list[Node]:
 
 def _value(params: Sequence[Any], index: int, memo: dict) -> Any:
     if index not in memo:
-        p = next((p for p in params if p.index == index), None)
-        memo[index] = None if p is None else p.current()
+        memo[index] = mod_param(params, index).current()
     return memo[index]
-
-
-def _param_name(params: Sequence[Any], index: int) -> str:
-    return next((p.name for p in params if p.index == index), f"tensor {index}")
 
 
 def _affine(n: Node, params: Sequence[Any], memo: dict) -> dict | None:

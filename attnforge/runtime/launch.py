@@ -302,7 +302,7 @@ def slot_values(lowered, score_params: tuple, mask_params: tuple) -> tuple[dict,
     scalars: dict[int, Any] = {}
     tensors: list[torch.Tensor] = []
     for slot in lowered.slots:
-        v = _param(score_params if slot.mod == "score" else mask_params, slot.index).current()
+        v = mod_param(score_params if slot.mod == "score" else mask_params, slot.index).current()
         if slot.kind == "scalar":
             scalars[slot.slot] = _scalar(v, slot)
         else:
@@ -310,7 +310,7 @@ def slot_values(lowered, score_params: tuple, mask_params: tuple) -> tuple[dict,
     return scalars, tensors
 
 
-def _param(params: tuple, index: int):
+def mod_param(params: tuple, index: int):
     # parameters are numbered by position; search only if a table was built otherwise
     if index < len(params) and params[index].index == index:
         return params[index]
@@ -628,8 +628,9 @@ def _launch_fwd_ws(call: KernelCall, q, k, v, tensors, out, lse, stages: int) ->
     n_tiles = triton_cdiv(L, _WS_BLOCK_M) * B * Hq
     # persistent (one CTA per SM: its shared memory and registers hold one) where every tile
     # has the same work: H100, no mask, D=128 573 vs 556 TF/s, D=64 419 vs 408.  With a block
-    # mask the tiles' work differs: static rounds lost (causal 489 vs 537: bench/NOTES.md,
-    # session 9), so a persistent launch takes its tiles from a counter (DYNAMIC)
+    # mask the tiles' work differs: PERSISTENT=True then takes them from a counter (DYNAMIC),
+    # but that lost too (causal 503 vs 544; static rounds 489 vs 537: bench/NOTES.md, sessions
+    # 9 and 11), so one CTA per tile stays the default there
     persistent = call.options.get("PERSISTENT", bm._all_full)
     dynamic = persistent and not bm._all_full
     rest = (
@@ -698,9 +699,7 @@ def _zero_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-@functools.cache
-def _unused_counter(device: torch.device) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.int32, device=device)
+_unused_counter = functools.cache(_zero_counter)  # one per device, never written
 
 
 def _ws_descriptor(t: torch.Tensor, rows: int):
